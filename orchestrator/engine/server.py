@@ -1,0 +1,344 @@
+"""The model worker: one Ray Serve replica owning one vLLM ``AsyncLLM`` engine.
+
+Requests arrive from the gateway as raw JSON bytes and go through vLLM's own OpenAI
+serving layer (``OpenAIServingChat``, ``OpenAIServingCompletion``, ``ServingEmbedding``),
+so chat templates, stop strings, logprobs, response_format and tools behave exactly as in
+``vllm serve``. Answers leave as bytes ready for the wire: the gateway relays them
+without decoding.
+
+Two entry points:
+
+* ``call(endpoint, body) -> (status, body_bytes)`` for non-streaming requests;
+* ``stream(endpoint, body)``, an async generator that yields the HTTP status first, then
+  either one error body or SSE bytes. Chunks produced while the previous one was in
+  flight to the gateway are sent together (never delaying the first one), which keeps
+  the per-token actor hop off the hot path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from orchestrator import errors, metrics, sources
+from orchestrator.engine import openai_compat
+from orchestrator.engine.args import accelerator, build_vllm_args
+from orchestrator.spec import ModelSpec
+
+log = logging.getLogger("orchestrator.engine")
+
+ENDPOINTS = ("chat", "completions", "embeddings")
+JSON = "application/json"
+SSE = "text/event-stream"
+
+# OpenAI's documented parameter ranges that vLLM does not enforce itself.
+_RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "n": (1, 128),
+    "max_tokens": (1, None),
+    "max_completion_tokens": (1, None),
+    "top_logprobs": (0, 20),
+}
+
+
+def _check_ranges(payload: dict[str, Any]) -> None:
+    for key, (low, high) in _RANGES.items():
+        value = payload.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise errors.InvalidRequest(f"'{key}' must be {bound}; got {value}", param=key)
+
+
+def _pydantic_error(exc: Exception) -> errors.InvalidRequest:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
+        # Unions report the member class as the first location part; drop it.
+        loc = [p for p in loc if not re.fullmatch(r"[A-Z]\w*Request", p)]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid value")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        where = f"'{param}': " if param else ""
+        return errors.InvalidRequest(f"Invalid request: {where}{msg}", param=param)
+    return errors.InvalidRequest(f"Invalid request: {exc}")
+
+
+def _error_field(body: bytes, status: int) -> dict[str, Any]:
+    """The ``error`` object of a vLLM error body, or a stand-in when it has none."""
+    try:
+        error = json.loads(body).get("error")
+        if isinstance(error, dict):
+            return {**error, "code": error.get("code") or status}
+    except (ValueError, AttributeError):
+        pass
+    return {"message": "error", "code": status}
+
+
+def _error_body(exc: BaseException) -> tuple[int, bytes]:
+    status, body, _ = errors.to_envelope(exc)
+    return status, json.dumps(body).encode()
+
+
+class ModelServer:
+    """A replica of one model. Built by ``orchestrator.app`` as a Ray Serve deployment."""
+
+    async def __init__(self, model: dict[str, Any]):
+        self.spec = ModelSpec.model_validate(model)
+        logging.basicConfig(level=logging.INFO)
+        path, revision = await asyncio.to_thread(sources.resolve, self.spec.source)
+        engine_args, frontend_args, choices = build_vllm_args(self.spec, path, revision)
+        for key, value in choices.items():
+            log.info("model %s: chose %s=%r (set engine.%s in the fleet to override)",
+                     self.spec.name, key, value, key)
+        self._engine_args = engine_args
+        self.engine = await self._start_engine(engine_args)
+        await self._init_serving(engine_args, frontend_args)
+        self._replica_id = self._make_replica_id()
+        log.info("model %s: engine ready (%s)", self.spec.name, accelerator(self.spec))
+
+    # -- start-up -------------------------------------------------------------------------
+
+    async def _start_engine(self, engine_args):
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor.abstract import Executor
+
+        def create():
+            config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+            if accelerator(self.spec) == "gpu" and self.spec.tensor_parallel_size > 1:
+                import ray.util
+
+                config.parallel_config.placement_group = ray.util.get_current_placement_group()
+            return config
+
+        config = await asyncio.to_thread(create)
+        return AsyncLLM(
+            vllm_config=config,
+            executor_class=Executor.get_class(config),
+            log_requests=False,
+            log_stats=not engine_args.disable_log_stats,
+        )
+
+    async def _init_serving(self, engine_args, frontend_args) -> None:
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+        state = State()
+        ns = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
+        supported = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, state, ns, supported_tasks=supported)
+        self._chat = getattr(state, "openai_serving_chat", None)
+        self._completion = getattr(state, "openai_serving_completion", None)
+        self._embedding = getattr(state, "serving_embedding", None)
+        self._state = state
+
+    @staticmethod
+    def _make_replica_id() -> str:
+        try:
+            from ray import serve
+
+            return serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside Serve (unit use)
+            return f"pid{os.getpid()}"
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _parse(self, endpoint: str, body: bytes):
+        from pydantic import TypeAdapter, ValidationError
+
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise errors.InvalidRequest(f"Could not parse the JSON body: {e}") from e
+        if not isinstance(payload, dict):
+            raise errors.InvalidRequest("The request body must be a JSON object")
+        _check_ranges(payload)
+        try:
+            if endpoint == "chat":
+                from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+                return ChatCompletionRequest.model_validate(payload)
+            if endpoint == "completions":
+                from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+                return CompletionRequest.model_validate(payload)
+            from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+            return TypeAdapter(EmbeddingRequest).validate_python(payload)
+        except ValidationError as e:
+            raise _pydantic_error(e) from e
+        except (ValueError, TypeError) as e:
+            raise errors.InvalidRequest(f"Invalid request: {e}") from e
+
+    def _serving(self, endpoint: str):
+        serving = {"chat": self._chat, "completions": self._completion, "embeddings": self._embedding}.get(endpoint)
+        if serving is None:
+            raise errors.WrongTask(
+                f"The model '{self.spec.name}' does not support the {endpoint} endpoint (task: {self.spec.task})",
+                param="model",
+            )
+        return serving
+
+    async def _run(self, endpoint: str, body: bytes):
+        """Parse and submit a request; returns vLLM's result (response, error or generator)."""
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        request = self._parse(endpoint, body)
+        serving = self._serving(endpoint)
+        try:
+            if endpoint == "chat":
+                return await serving.create_chat_completion(request, None)
+            if endpoint == "completions":
+                return await serving.create_completion(request, None)
+            return await serving(request, None)
+        except errors.OrchestratorError:
+            raise
+        except Exception as e:  # noqa: BLE001 - vLLM raises plain exceptions for bad input
+            return create_error_response(e)
+
+    @staticmethod
+    def _is_error(result: Any) -> bool:
+        return type(result).__name__ == "ErrorResponse"
+
+    def _error_result(self, result: Any) -> tuple[int, bytes]:
+        status, body = errors.from_vllm_error(result.error.model_dump())
+        if status >= 500:
+            log.error("model %s: engine error: %s", self.spec.name, result.error.message)
+        return status, json.dumps(body).encode()
+
+    async def call(self, endpoint: str, body: bytes) -> tuple[int, bytes]:
+        """A non-streaming request: (HTTP status, response body bytes)."""
+        try:
+            result = await self._run(endpoint, body)
+            if self._is_error(result):
+                return self._error_result(result)
+            if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
+                if result.status_code != 200:
+                    status, payload = errors.from_vllm_error(_error_field(bytes(result.body), result.status_code))
+                    return status, json.dumps(payload).encode()
+                return 200, openai_compat.clean_json_bytes(bytes(result.body))
+            if isinstance(result, AsyncIterator):
+                # stream was false in our routing but vLLM streamed (e.g. `stream: "true"`).
+                await result.aclose()
+                raise errors.InvalidRequest("'stream' must be a boolean", param="stream")
+            return 200, openai_compat.dump(result)
+        except errors.OrchestratorError as e:
+            return _error_body(e)
+        except Exception as e:  # noqa: BLE001 - never a traceback to the client
+            log.exception("model %s: request failed", self.spec.name)
+            return _error_body(e)
+
+    async def stream(self, endpoint: str, body: bytes):
+        """A streaming request: yields ``(status, media_type)`` first, then body bytes.
+
+        An error (or a request vLLM answered without streaming) is one JSON body;
+        a stream is SSE chunks ending with ``data: [DONE]``.
+        """
+        try:
+            result = await self._run(endpoint, body)
+        except Exception as e:  # noqa: BLE001 - OrchestratorError and anything else
+            if not isinstance(e, errors.OrchestratorError):
+                log.exception("model %s: request failed", self.spec.name)
+            status, payload = _error_body(e)
+            yield status, JSON
+            yield payload
+            return
+        if self._is_error(result):
+            status, payload = self._error_result(result)
+            yield status, JSON
+            yield payload
+            return
+        if not isinstance(result, AsyncIterator):
+            yield 200, JSON
+            yield openai_compat.dump(result)
+            return
+        yield 200, SSE
+        async for chunk in coalesce(result):
+            yield chunk
+
+    # -- health and metrics ---------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy."""
+        await self.engine.check_health()
+
+    def metrics_text(self) -> str:
+        """vLLM's own engine metrics from this replica, labelled with the replica id."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        text = generate_latest(REGISTRY).decode()
+        return metrics.label_samples(text, {"replica": self._replica_id}, prefix="vllm:")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """Relay ``source`` as bytes, joining whatever piled up while the consumer was busy.
+
+    The first chunk goes out as soon as it exists; later chunks that arrive while the
+    previous send is in flight are joined into one. Closing this generator (the client
+    went away) cancels the pump, which closes vLLM's generator and aborts the request.
+    """
+    pending: list[str] = []
+    ready = asyncio.Event()
+    finished = False
+    failure: BaseException | None = None
+
+    async def pump() -> None:
+        nonlocal finished, failure
+        try:
+            async for chunk in source:
+                pending.append(chunk)
+                ready.set()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            failure = e
+        finally:
+            finished = True
+            ready.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            if pending:
+                data = "".join(pending).encode()
+                pending.clear()
+                yield data
+            if finished and not pending:
+                break
+        if failure is not None and not isinstance(failure, asyncio.CancelledError):
+            raise failure
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001
+                pass
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except BaseException:  # noqa: BLE001
+                pass

