@@ -28,6 +28,7 @@ log = logging.getLogger("orchestrator.gateway")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 _TASK_OF_ENDPOINT = {"chat": "generate", "completions": "generate", "embeddings": "embed"}
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 _STATUS_CACHE_S = 1.0
 
 api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -136,9 +137,7 @@ class Gateway:
         if spec.task != _TASK_OF_ENDPOINT[endpoint]:
             what = "an embedding model" if spec.task == "embed" else "a generative model"
             raise errors.WrongTask(
-                f"The model '{model}' is {what} and does not support this endpoint "
-                f"({'/v1/embeddings' if endpoint == 'embeddings' else '/v1/' + ('chat/completions' if endpoint == 'chat' else 'completions')})",
-                param="model",
+                f"The model '{model}' is {what} and does not support {_PATHS[endpoint]}", param="model"
             )
         stream = payload.get("stream", False)
         if stream is None:
