@@ -143,6 +143,9 @@ class ModelServer:
         await init_app_state(self.engine, state, ns, supported_tasks=supported)
         self._chat = getattr(state, "openai_serving_chat", None)
         self._completion = getattr(state, "openai_serving_completion", None)
+        for serving in (self._chat, self._completion):
+            if serving is not None:
+                enforce_context_limit(serving)
         self._embedding = getattr(state, "serving_embedding", None)
         self._state = state
 
@@ -290,6 +293,53 @@ class ModelServer:
                 engine.shutdown()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def enforce_context_limit(serving) -> None:
+    """Refuse (400) prompts whose tokens plus the requested output exceed max_model_len.
+
+    vLLM quietly shortens ``max_tokens`` to fit; OpenAI answers such a request with a
+    400, and clients rely on that to notice truncation. The check runs on the prompt
+    vLLM has already rendered and tokenized, so nothing is tokenized twice.
+    """
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    max_model_len = serving.model_config.max_model_len
+    chat_render = getattr(serving, "render_chat_request", None)
+    completion_render = getattr(serving, "render_completion_request", None)
+
+    def check(request, engine_inputs) -> ErrorResponse | None:
+        requested = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+        if requested is None or getattr(request, "truncate_prompt_tokens", None) is not None:
+            return None
+        for engine_input in engine_inputs:
+            prompt_len = serving._extract_prompt_len(engine_input)
+            if prompt_len + requested > max_model_len:
+                return create_error_response(
+                    f"This model's maximum context length is {max_model_len} tokens. However, you "
+                    f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                    f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens",
+                )
+        return None
+
+    if chat_render is not None:
+        async def render_chat_request(request):
+            result = await chat_render(request)
+            if isinstance(result, ErrorResponse):
+                return result
+            return check(request, result[1]) or result
+
+        serving.render_chat_request = render_chat_request
+    elif completion_render is not None:
+        async def render_completion_request(request):
+            result = await completion_render(request)
+            if isinstance(result, ErrorResponse):
+                return result
+            return check(request, result) or result
+
+        serving.render_completion_request = render_completion_request
 
 
 async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[bytes]:
