@@ -30,7 +30,7 @@ run: install
 	$(BIN)/slm serve
 
 lint: install
-	$(BIN)/ruff check orchestrator tests loadtests
+	$(BIN)/ruff check orchestrator tests loadtests examples
 
 unit: install
 	$(BIN)/pytest -q tests/unit

@@ -129,3 +129,19 @@ def test_cli_validate_unreadable_and_broken_yaml(tmp_path, capsys):
     assert cli.main(["validate", "-f", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "broken.yaml: not valid YAML (line" in err
+
+
+def test_cli_serve_validates_before_starting_anything(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for an invalid fleet"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(make_fleet(routing={"policy": "fastest"})))
+    assert cli.main(["serve", "-f", str(bad)]) == 2
+    assert f"{bad}: models[0].routing.policy" in capsys.readouterr().err
+
+    missing = tmp_path / "missing-source.yaml"
+    missing.write_text(yaml.safe_dump(make_fleet(source="pkg://no_such_pkg_xyz/model.gguf")))
+    assert cli.main(["serve", "-f", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: models[0].source: Python package 'no_such_pkg_xyz' is not installed" in err
