@@ -1,6 +1,6 @@
 """The model worker: one Ray Serve replica owning one vLLM ``AsyncLLM`` engine.
 
-Requests arrive from the gateway as raw JSON bytes and go through vLLM's own OpenAI
+Requests arrive from the gateway as the decoded JSON object and go through vLLM's own OpenAI
 serving layer (``OpenAIServingChat``, ``OpenAIServingCompletion``, ``ServingEmbedding``),
 so chat templates, stop strings, logprobs, response_format and tools behave exactly as in
 ``vllm serve``. Answers leave as bytes ready for the wire: the gateway relays them
@@ -8,8 +8,8 @@ without decoding.
 
 Two entry points:
 
-* ``call(endpoint, body) -> (status, body_bytes)`` for non-streaming requests;
-* ``stream(endpoint, body)``, an async generator that yields the HTTP status first, then
+* ``call(endpoint, payload) -> (status, body_bytes)`` for non-streaming requests;
+* ``stream(endpoint, payload)``, an async generator that yields the HTTP status first, then
   either one error body or SSE bytes. Chunks produced while the previous one was in
   flight to the gateway are sent together (never delaying the first one), which keeps
   the per-token actor hop off the hot path.
@@ -160,15 +160,10 @@ class ModelServer:
 
     # -- requests -------------------------------------------------------------------------
 
-    def _parse(self, endpoint: str, body: bytes):
+    def _parse(self, endpoint: str, payload: dict[str, Any]):
+        """vLLM's request model for a JSON object the gateway already decoded."""
         from pydantic import TypeAdapter, ValidationError
 
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise errors.InvalidRequest(f"Could not parse the JSON body: {e}") from e
-        if not isinstance(payload, dict):
-            raise errors.InvalidRequest("The request body must be a JSON object")
         _check_ranges(payload)
         try:
             if endpoint == "chat":
@@ -196,11 +191,11 @@ class ModelServer:
             )
         return serving
 
-    async def _run(self, endpoint: str, body: bytes):
-        """Parse and submit a request; returns vLLM's result (response, error or generator)."""
+    async def _run(self, endpoint: str, payload: dict[str, Any]):
+        """Validate and submit a request; returns vLLM's result (response, error or generator)."""
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        request = self._parse(endpoint, body)
+        request = self._parse(endpoint, payload)
         serving = self._serving(endpoint)
         try:
             if endpoint == "chat":
@@ -223,10 +218,10 @@ class ModelServer:
             log.error("model %s: engine error: %s", self.spec.name, result.error.message)
         return status, json.dumps(body).encode()
 
-    async def call(self, endpoint: str, body: bytes) -> tuple[int, bytes]:
+    async def call(self, endpoint: str, payload: dict[str, Any]) -> tuple[int, bytes]:
         """A non-streaming request: (HTTP status, response body bytes)."""
         try:
-            result = await self._run(endpoint, body)
+            result = await self._run(endpoint, payload)
             if self._is_error(result):
                 return self._error_result(result)
             if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
@@ -245,14 +240,14 @@ class ModelServer:
             log.exception("model %s: request failed", self.spec.name)
             return _error_body(e)
 
-    async def stream(self, endpoint: str, body: bytes):
+    async def stream(self, endpoint: str, payload: dict[str, Any]):
         """A streaming request: yields ``(status, media_type)`` first, then body bytes.
 
         An error (or a request vLLM answered without streaming) is one JSON body;
         a stream is SSE chunks ending with ``data: [DONE]``.
         """
         try:
-            result = await self._run(endpoint, body)
+            result = await self._run(endpoint, payload)
         except Exception as e:  # noqa: BLE001 - OrchestratorError and anything else
             if not isinstance(e, errors.OrchestratorError):
                 log.exception("model %s: request failed", self.spec.name)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible gateway: one ingress that routes each request by its "model".
 
-The gateway reads only what it must from a request (``model``, ``stream``), then hands
-the raw body to that model's deployment and relays the answer's bytes as they come.
+The gateway decodes a request once, checks only what it must (``model``, ``stream``), then
+hands the object to that model's deployment and relays the answer's bytes as they come.
 All errors leave through one function as OpenAI's envelope.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
@@ -114,8 +114,8 @@ class Gateway:
     async def embeddings(self, request: Request) -> Response:
         return await self._forward(request, "embeddings")
 
-    async def _read(self, request: Request, endpoint: str) -> tuple[bytes, str, bool]:
-        """The body, model name and stream flag; raises the right 4xx for bad input."""
+    async def _read(self, request: Request, endpoint: str) -> tuple[dict[str, Any], str, bool]:
+        """The decoded body, model name and stream flag; raises the right 4xx for bad input."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise errors.RequestTooLarge(f"The request body is over {MAX_BODY_BYTES} bytes")
@@ -146,11 +146,11 @@ class Gateway:
             raise errors.InvalidRequest("'stream' must be a boolean", param="stream")
         if endpoint == "embeddings":
             stream = False
-        return body, model, stream
+        return payload, model, stream
 
     async def _forward(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
-        body, model, stream = await self._read(request, endpoint)
+        payload, model, stream = await self._read(request, endpoint)
         gauge = self.metrics.in_flight.labels(model)
         gauge.inc()
         handed_off = False
@@ -158,8 +158,8 @@ class Gateway:
         try:
             if not stream:
                 try:
-                    status, payload = await asyncio.wait_for(
-                        self.handles[model].call.remote(endpoint, body), self.timeout_s
+                    status, answer = await asyncio.wait_for(
+                        self.handles[model].call.remote(endpoint, payload), self.timeout_s
                     )
                 except asyncio.TimeoutError as e:
                     raise errors.UpstreamTimeout(
@@ -167,13 +167,13 @@ class Gateway:
                     ) from e
                 except Exception as e:
                     raise self._upstream_error(model, e) from e
-                return Response(payload, status_code=status, media_type="application/json")
-            gen = self.stream_handles[model].stream.remote(endpoint, body)
+                return Response(answer, status_code=status, media_type="application/json")
+            gen = self.stream_handles[model].stream.remote(endpoint, payload)
             try:
                 status, media_type = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                 if media_type != "text/event-stream":
-                    payload = await gen.__anext__()
-                    return Response(payload, status_code=status, media_type=media_type)
+                    answer = await gen.__anext__()
+                    return Response(answer, status_code=status, media_type=media_type)
             except asyncio.TimeoutError as e:
                 gen.cancel()
                 raise errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s") from e
