@@ -1,0 +1,1 @@
+"""Queue-depth autoscaling: the pure policy (``policy.py``) and its Ray Serve adapter."""

@@ -1,0 +1,101 @@
+"""The queue-depth autoscaling policy, a pure function of (metrics, spec, replicas, time).
+
+Desired replicas = ceil(total queue depth / target_queue_depth), clamped to
+[min_replicas, max_replicas]. Replicas already starting count toward capacity, so a
+burst asks once for what it needs instead of doubling while replicas boot. Scaling up
+waits ``upscale_delay_s`` of sustained demand, down ``downscale_delay_s``; a model with
+``min_replicas: 0`` goes to zero only after ``idle_timeout_s`` without any request.
+
+Example::
+
+    decision, state = decide(Observation(queue_depth=40, running=1, starting=0), spec, state, now)
+    decision.target, decision.reason   # (5, "queue 40 over target 8/replica needs 5 replicas ...")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """The autoscaling fields of a model's spec that the policy reads."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_queue_depth: float = 8
+    upscale_delay_s: float = 1.0
+    downscale_delay_s: float = 60.0
+    idle_timeout_s: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """What the replicas reported: waiting + running requests summed over all replicas."""
+
+    queue_depth: float
+    running: int
+    starting: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """What the policy remembers between calls (kept by the caller, e.g. Serve's policy_state)."""
+
+    want_up_since: float | None = None
+    want_down_since: float | None = None
+    last_busy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    target: int
+    direction: Literal["up", "down", "hold"]
+    reason: str
+
+
+def desired_replicas(queue_depth: float, limits: Limits) -> int:
+    """Replicas the queue needs, clamped; at least 1 while any request is queued."""
+    need = math.ceil(max(queue_depth, 0.0) / limits.target_queue_depth)
+    if queue_depth > 0:
+        need = max(need, 1)
+    return max(limits.min_replicas, min(limits.max_replicas, need))
+
+
+def decide(obs: Observation, limits: Limits, state: State, now: float) -> tuple[Decision, State]:
+    """One autoscaling step: the new target and its reason, and the state to keep."""
+    current = obs.running + obs.starting
+    last_busy = now if obs.queue_depth > 0 else state.last_busy
+    need = desired_replicas(obs.queue_depth, limits)
+    per = f"queue {obs.queue_depth:g} at target {limits.target_queue_depth:g}/replica needs {need}"
+    have = f"{obs.running} running + {obs.starting} starting"
+
+    if need > current:
+        since = state.want_up_since if state.want_up_since is not None else now
+        new_state = State(want_up_since=since, want_down_since=None, last_busy=last_busy)
+        if current == 0 or now - since >= limits.upscale_delay_s:
+            return Decision(need, "up", f"{per}; have {have}"), dataclasses.replace(new_state, want_up_since=None)
+        waited = f"{now - since:.1f}/{limits.upscale_delay_s:g}s"
+        return Decision(current, "hold", f"{per}; waiting {waited} to scale up"), new_state
+
+    if need < current:
+        if need == 0:
+            idle_for = now - last_busy if last_busy is not None else math.inf
+            if idle_for < limits.idle_timeout_s:
+                keep = max(1, need)
+                if keep < current:
+                    need = keep
+                else:
+                    return (Decision(current, "hold", f"idle {idle_for:.0f}/{limits.idle_timeout_s:g}s before zero"),
+                            State(None, None, last_busy))
+        since = state.want_down_since if state.want_down_since is not None else now
+        new_state = State(want_up_since=None, want_down_since=since, last_busy=last_busy)
+        if now - since >= limits.downscale_delay_s:
+            return Decision(need, "down", f"{per}; have {have}"), dataclasses.replace(new_state, want_down_since=None)
+        waited = now - since
+        return (Decision(current, "hold", f"{per}; waiting {waited:.0f}/{limits.downscale_delay_s:g}s to scale down"),
+                new_state)
+
+    return Decision(current, "hold", f"{per}; have {have}"), State(None, None, last_busy)
