@@ -226,11 +226,11 @@ class ModelServer:
                 return self._error_result(result)
             if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
                 if result.status_code != 200:
-                    status, payload = errors.from_vllm_error(_error_field(bytes(result.body), result.status_code))
-                    return status, json.dumps(payload).encode()
+                    status, error = errors.from_vllm_error(_error_field(bytes(result.body), result.status_code))
+                    return status, json.dumps(error).encode()
                 return 200, openai_compat.clean_json_bytes(bytes(result.body))
             if isinstance(result, AsyncIterator):
-                # stream was false in our routing but vLLM streamed (e.g. `stream: "true"`).
+                # Defensive: the gateway routes only `stream: false` here.
                 await result.aclose()
                 raise errors.InvalidRequest("'stream' must be a boolean", param="stream")
             return 200, openai_compat.dump(result)
@@ -251,14 +251,14 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - OrchestratorError and anything else
             if not isinstance(e, errors.OrchestratorError):
                 log.exception("model %s: request failed", self.spec.name)
-            status, payload = _error_body(e)
+            status, body = _error_body(e)
             yield status, JSON
-            yield payload
+            yield body
             return
         if self._is_error(result):
-            status, payload = self._error_result(result)
+            status, body = self._error_result(result)
             yield status, JSON
-            yield payload
+            yield body
             return
         if not isinstance(result, AsyncIterator):
             yield 200, JSON
