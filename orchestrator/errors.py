@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 
@@ -150,10 +149,6 @@ def to_envelope(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]
         body = envelope(exc.message, exc.status, type_=exc.type, param=exc.param, code=exc.code)
         return exc.status, body, dict(exc.headers)
     return 500, envelope("The server had an error while processing your request.", 500), {}
-
-
-def envelope_bytes(message: str, status: int, **kw: Any) -> bytes:
-    return json.dumps(envelope(message, status, **kw)).encode()
 
 
 def from_vllm_error(error: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -35,7 +35,6 @@ RoutingPolicy = Literal["least-queue", "prefix-affinity", "session", "round-robi
 _OWNED_ENGINE_KEYS = {
     "model": "set the model with `source`",
     "served_model_name": "clients use the model's `name`",
-    "tokenizer": None,  # allowed: a separate tokenizer source is legitimate
 }
 # vLLM frontend (API server) arguments that belong to the gateway, not to a worker.
 _GATEWAY_FRONTEND_KEYS = {
@@ -258,7 +257,7 @@ def engine_arg_errors(engine: dict[str, Any], base_path: str) -> list[FieldError
     known = {**engine_fields, **frontend_fields}
     for key, value in engine.items():
         path = f"{base_path}.{key}"
-        if key in _OWNED_ENGINE_KEYS and _OWNED_ENGINE_KEYS[key]:
+        if key in _OWNED_ENGINE_KEYS:
             errors.append(FieldError(path, f"not allowed here: {_OWNED_ENGINE_KEYS[key]}"))
             continue
         if key in _GATEWAY_FRONTEND_KEYS:

@@ -33,7 +33,6 @@ from orchestrator.spec import ModelSpec
 
 log = logging.getLogger("orchestrator.engine")
 
-ENDPOINTS = ("chat", "completions", "embeddings")
 JSON = "application/json"
 SSE = "text/event-stream"
 
