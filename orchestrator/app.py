@@ -22,6 +22,8 @@ from orchestrator.spec import FleetSpec, ModelSpec, parse_fleet
 
 APP_NAME = "slm"
 GATEWAY_DEPLOYMENT = "gateway"
+METRICS_INTERVAL_S = 0.5
+LOOK_BACK_PERIOD_S = 2.0
 
 
 def deployment_name(model_name: str) -> str:
@@ -35,14 +37,44 @@ def deployment_name(model_name: str) -> str:
 def replica_options(spec: ModelSpec) -> dict[str, Any]:
     """Ray Serve deployment options for one model's replicas."""
     env = dict(spec.env)
+    scaling = spec.autoscaling
     opts: dict[str, Any] = {
         "name": deployment_name(spec.name),
-        # Fixed count for now: the queue-depth autoscaler replaces this.
-        "num_replicas": max(spec.autoscaling.min_replicas, 1),
+        "autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.min_replicas,
+            # Replicas and handles report every half second over a short window, so the
+            # policy sees a load step within about a second. Its own delays do the rest.
+            "metrics_interval_s": METRICS_INTERVAL_S,
+            "look_back_period_s": LOOK_BACK_PERIOD_S,
+            # The policy applies the fleet's delays itself; Serve's own are off. Serve's
+            # cold-start path (used while no replica runs) reads target_ongoing_requests.
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 0,
+            "target_ongoing_requests": scaling.target_queue_depth,
+            "policy": {
+                "policy_function": "orchestrator.autoscaling.serve_policy:QueueDepthPolicy",
+                "policy_kwargs": {"model": spec.name, "limits": scaling.model_dump(mode="json")},
+            },
+        },
+        "request_router_config": {
+            "request_router_class": "orchestrator.serve_router:SlmRequestRouter",
+            "request_router_kwargs": {
+                "model": spec.name,
+                "policy": spec.routing.policy,
+                "load_factor": spec.routing.load_factor,
+            },
+            "request_routing_stats_period_s": 2,
+            "request_routing_stats_timeout_s": 2,
+        },
         "max_ongoing_requests": spec.max_ongoing_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 30,
+        # Draining: a replica leaving service (scale-down, redeploy) takes no new requests
+        # and finishes the ones it has, for up to drain_timeout_s.
+        "graceful_shutdown_timeout_s": scaling.drain_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1,
     }
     actor: dict[str, Any] = {"num_cpus": spec.resources.num_cpus}
     if env:

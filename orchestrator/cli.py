@@ -79,13 +79,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.api import RunTarget
 
     from orchestrator.app import APP_NAME, build_app, deployment_name
+    from orchestrator.engine.args import accelerator
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _say(f"joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
-        wanted = sum(m.resources.num_cpus * max(m.autoscaling.min_replicas, 1) for m in fleet.models)
+        # Room for every model at its max_replicas, so the autoscaler can place them all.
+        wanted = sum(m.resources.num_cpus * m.autoscaling.max_replicas for m in fleet.models
+                     if accelerator(m) == "cpu")
         cores = os.cpu_count() or 1
         num_cpus = max(cores, int(wanted + 0.999))
         if num_cpus > cores:
@@ -158,11 +161,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(resp.json(), indent=2))
         return 0
-    rows = [("MODEL", "TASK", "RUNNING", "STARTING", "TARGET", "ROUTING", "SOURCE")]
+    rows = [("MODEL", "TASK", "QUEUE", "RUNNING", "STARTING", "DRAINING", "TARGET", "MIN-MAX", "ROUTING",
+             "LAST DECISION")]
     for m in resp.json().get("models", []):
         r = m.get("replicas", {})
-        rows.append((m["name"], m.get("task", ""), str(r.get("running", 0)), str(r.get("starting", 0)),
-                     str(r.get("target", 0)), m.get("routing", {}).get("policy", ""), m.get("source", "")))
+        a = m.get("autoscaling", {})
+        last = a.get("last_decision") or {}
+        decision = f"{last.get('direction', '-')}: {last.get('reason', '')}" if last else "-"
+        rows.append((m["name"], m.get("task", ""), f"{m.get('queue_depth', 0):g}", str(r.get("running", 0)),
+                     str(r.get("starting", 0)), str(r.get("draining", 0)), str(r.get("target", 0)),
+                     f"{a.get('min_replicas', '?')}-{a.get('max_replicas', '?')}",
+                     m.get("routing", {}).get("policy", ""), decision))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())

@@ -6,7 +6,14 @@ Gateway-side (this module, one registry per gateway process):
   (``cancelled`` for clients that went away mid-stream);
 * ``slm_time_to_first_token_seconds{model,endpoint}``: histogram, streaming requests;
 * ``slm_request_latency_seconds{model,endpoint}``: histogram, end to end;
-* ``slm_requests_in_flight{model}``: gauge.
+* ``slm_requests_in_flight{model}``: gauge;
+* ``slm_requests_held{model}``: gauge, requests waiting for a model's first ready replica;
+* ``slm_queue_depth{model}``: gauge, the engines' waiting + running requests the
+  autoscaler last saw (plus requests queued before any replica took them);
+* ``slm_replicas{model,state}``: gauge, replicas ``running``, ``starting`` and ``target``;
+* ``slm_autoscaler_decisions_total{model,direction}``: scaling decisions (``up``/``down``);
+* ``slm_router_picks_total{model,replica,policy}`` and ``slm_router_spills_total{model,policy}``
+  (from ``orchestrator.routing``): where the request router sent each request.
 
 Engine-side, vLLM's own metrics from every model replica are appended to ``/metrics``
 with a ``replica`` label, among them the per-model token counters
@@ -44,6 +51,40 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "slm_requests_in_flight", "Requests being answered now.", ["model"], registry=self.registry,
         )
+        self.held = Gauge(
+            "slm_requests_held", "Requests waiting for the model's first ready replica.", ["model"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "slm_queue_depth", "Waiting plus running requests the autoscaler last saw.", ["model"],
+            registry=self.registry,
+        )
+        self.replicas = Gauge(
+            "slm_replicas", "Replicas by state (running, starting, target).", ["model", "state"],
+            registry=self.registry,
+        )
+        self.decisions = DecisionCounts()
+        self.registry.register(self.decisions)
+
+
+class DecisionCounts:
+    """``slm_autoscaler_decisions_total``: counts kept by the policy in Serve's controller,
+    exposed here as a counter family (set from the fleet state at scrape time)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], float] = {}
+
+    def set(self, model: str, direction: str, value: float) -> None:
+        self.counts[(model, direction)] = value
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("slm_autoscaler_decisions", "Scaling decisions by model and direction.",
+                                     labels=["model", "direction"])
+        for (model, direction), value in sorted(self.counts.items()):
+            family.add_metric([model, direction], value)
+        yield family
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?(\s.*)$")

@@ -54,12 +54,30 @@ class _Strict(BaseModel):
 
 
 class AutoscalingSpec(_Strict):
-    """Replica bounds and the queue-depth target of one model."""
+    """Replica bounds, the queue-depth target and the timing knobs of one model's autoscaler."""
 
-    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas kept running.")
+    min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas kept running (0: scale to zero).")
     max_replicas: int = Field(1, ge=1, le=1000, description="Most replicas ever started.")
     target_queue_depth: float = Field(
         8, gt=0, description="Waiting plus running requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(
+        1.0, ge=0, le=3600, description="How long demand must exceed capacity before adding replicas."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, le=86400, description="How long capacity must exceed demand before removing replicas."
+    )
+    idle_timeout_s: float = Field(
+        300.0, ge=0, le=86400,
+        description="With min_replicas 0: time without any request before the last replica stops.",
+    )
+    cold_start_timeout_s: float = Field(
+        600.0, gt=0, le=86400,
+        description="How long the gateway holds a request for a model with no ready replica before a 503.",
+    )
+    drain_timeout_s: float = Field(
+        120.0, ge=0, le=86400,
+        description="How long a replica leaving service keeps serving its in-flight requests.",
     )
 
     @model_validator(mode="after")
@@ -74,7 +92,25 @@ class AutoscalingSpec(_Strict):
 class RoutingSpec(_Strict):
     """How a model's requests are spread over its replicas."""
 
-    policy: RoutingPolicy = Field("least-queue", description="Request routing policy.")
+    policy: RoutingPolicy = Field(
+        "least-queue",
+        description=(
+            "least-queue: the replica with the least outstanding work; prefix-affinity: requests "
+            "sharing a prompt prefix go to the same replica (its prefix cache is warm); session: "
+            "requests with the same x-session-id header go to the same replica; round-robin."
+        ),
+    )
+    prefix_chars: int = Field(
+        1024, ge=16, le=1_000_000,
+        description="prefix-affinity: how many leading characters of the prompt pick the replica.",
+    )
+    load_factor: float = Field(
+        1.25, ge=1.0, le=100,
+        description=(
+            "prefix-affinity and session: a replica takes an affine request only while its load is "
+            "under load_factor x the mean load; past that the request spills to the next replica."
+        ),
+    )
 
 
 class ResourcesSpec(_Strict):

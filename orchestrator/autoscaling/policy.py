@@ -9,14 +9,14 @@ waits ``upscale_delay_s`` of sustained demand, down ``downscale_delay_s``; a mod
 Example::
 
     decision, state = decide(Observation(queue_depth=40, running=1, starting=0), spec, state, now)
-    decision.target, decision.reason   # (5, "queue 40 over target 8/replica needs 5 replicas ...")
+    decision.target, decision.reason   # (5, "queue 40 at target 8/replica needs 5; ...")
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,12 @@ class Limits:
     upscale_delay_s: float = 1.0
     downscale_delay_s: float = 60.0
     idle_timeout_s: float = 300.0
+
+    @classmethod
+    def from_spec(cls, autoscaling: Any) -> Limits:
+        """The limits of a model's ``autoscaling`` block (an AutoscalingSpec or its dict)."""
+        get = autoscaling.get if isinstance(autoscaling, dict) else lambda k: getattr(autoscaling, k)
+        return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +73,9 @@ def desired_replicas(queue_depth: float, limits: Limits) -> int:
 def decide(obs: Observation, limits: Limits, state: State, now: float) -> tuple[Decision, State]:
     """One autoscaling step: the new target and its reason, and the state to keep."""
     current = obs.running + obs.starting
-    last_busy = now if obs.queue_depth > 0 else state.last_busy
+    # A policy that has never seen traffic (fresh start, controller restart) counts as busy
+    # now, so an idle timeout runs from its start rather than firing at once.
+    last_busy = now if obs.queue_depth > 0 or state.last_busy is None else state.last_busy
     need = desired_replicas(obs.queue_depth, limits)
     per = f"queue {obs.queue_depth:g} at target {limits.target_queue_depth:g}/replica needs {need}"
     have = f"{obs.running} running + {obs.starting} starting"
@@ -82,14 +90,14 @@ def decide(obs: Observation, limits: Limits, state: State, now: float) -> tuple[
 
     if need < current:
         if need == 0:
-            idle_for = now - last_busy if last_busy is not None else math.inf
-            if idle_for < limits.idle_timeout_s:
-                keep = max(1, need)
-                if keep < current:
-                    need = keep
-                else:
-                    return (Decision(current, "hold", f"idle {idle_for:.0f}/{limits.idle_timeout_s:g}s before zero"),
-                            State(None, None, last_busy))
+            idle_for = now - last_busy
+            if idle_for >= limits.idle_timeout_s:
+                return (Decision(0, "down", f"idle {idle_for:.0f}s >= idle_timeout_s {limits.idle_timeout_s:g}s"),
+                        State(None, None, last_busy))
+            if current <= 1:
+                return (Decision(current, "hold", f"idle {idle_for:.0f}/{limits.idle_timeout_s:g}s before zero"),
+                        State(None, None, last_busy))
+            need = 1  # keep one replica until the idle timeout; shed the others as usual
         since = state.want_down_since if state.want_down_since is not None else now
         new_state = State(want_up_since=None, want_down_since=since, last_busy=last_busy)
         if now - since >= limits.downscale_delay_s:

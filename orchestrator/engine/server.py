@@ -49,6 +49,64 @@ _RANGES = {
 }
 
 
+class EngineLoad:
+    """The engine's queue as its scheduler last reported it, plus requests in this replica.
+
+    vLLM reports ``SchedulerStats`` (running and waiting requests, KV-cache use) after each
+    engine step through its stat-logger interface; ``logger_factory`` plugs this object in.
+    An idle engine stops stepping, so when no request is in flight here the queue is 0
+    whatever the last report said.
+    """
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.in_flight = 0
+
+    def record(self, scheduler_stats) -> None:
+        if scheduler_stats is None:
+            return
+        self.running = scheduler_stats.num_running_reqs
+        self.waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+    @property
+    def queue_depth(self) -> int:
+        if self.in_flight == 0:
+            return 0
+        # Requests still being rendered/tokenized are not in the scheduler yet.
+        return max(self.running + self.waiting, self.in_flight)
+
+    def stats(self) -> dict[str, float]:
+        busy = self.in_flight > 0
+        return {
+            "queue_depth": float(self.queue_depth),
+            "running": float(self.running if busy else 0),
+            "waiting": float(self.waiting if busy else 0),
+            "in_flight": float(self.in_flight),
+            "kv_cache_usage": float(self.kv_cache_usage if busy else 0.0),
+        }
+
+    def logger_factory(self):
+        """A vLLM ``StatLoggerFactory`` whose loggers feed this object."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        load = self
+
+        class _LoadLogger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                load.record(scheduler_stats)
+
+            def log_engine_initialized(self):
+                pass
+
+        return _LoadLogger
+
+
 def _check_ranges(payload: dict[str, Any]) -> None:
     for key, (low, high) in _RANGES.items():
         value = payload.get(key)
@@ -104,6 +162,7 @@ class ModelServer:
             log.info("model %s: chose %s=%r (set engine.%s in the fleet to override)",
                      self.spec.name, key, value, key)
         self._engine_args = engine_args
+        self.load = EngineLoad()
         self.engine = await self._start_engine(engine_args)
         await self._init_serving(engine_args, frontend_args)
         self._replica_id = self._make_replica_id()
@@ -130,6 +189,7 @@ class ModelServer:
             executor_class=Executor.get_class(config),
             log_requests=False,
             log_stats=not engine_args.disable_log_stats,
+            stat_loggers=[self.load.logger_factory()],
         )
 
     async def _init_serving(self, engine_args, frontend_args) -> None:
@@ -217,8 +277,12 @@ class ModelServer:
             log.error("model %s: engine error: %s", self.spec.name, result.error.message)
         return status, json.dumps(body).encode()
 
-    async def call(self, endpoint: str, payload: dict[str, Any]) -> tuple[int, bytes]:
-        """A non-streaming request: (HTTP status, response body bytes)."""
+    async def call(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None) -> tuple[int, bytes]:
+        """A non-streaming request: (HTTP status, response body bytes).
+
+        ``route_key`` is read by the gateway's request router (``orchestrator.routing``).
+        """
+        self.load.in_flight += 1
         try:
             result = await self._run(endpoint, payload)
             if self._is_error(result):
@@ -238,13 +302,23 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - never a traceback to the client
             log.exception("model %s: request failed", self.spec.name)
             return _error_body(e)
+        finally:
+            self.load.in_flight -= 1
 
-    async def stream(self, endpoint: str, payload: dict[str, Any]):
+    async def stream(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None):
         """A streaming request: yields ``(status, media_type)`` first, then body bytes.
 
         An error (or a request vLLM answered without streaming) is one JSON body;
         a stream is SSE chunks ending with ``data: [DONE]``.
         """
+        self.load.in_flight += 1
+        try:
+            async for item in self._stream(endpoint, payload):
+                yield item
+        finally:
+            self.load.in_flight -= 1
+
+    async def _stream(self, endpoint: str, payload: dict[str, Any]):
         try:
             result = await self._run(endpoint, payload)
         except Exception as e:  # noqa: BLE001 - OrchestratorError and anything else
@@ -268,6 +342,14 @@ class ModelServer:
             yield chunk
 
     # -- health and metrics ---------------------------------------------------------------
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: the engine's queue depth feeds ``QueueDepthPolicy``."""
+        return self.load.stats()
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Serve's routing hook: what ``SlmRequestRouter`` sees of this replica between probes."""
+        return self.load.stats()
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""

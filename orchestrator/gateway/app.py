@@ -20,9 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import errors
+from orchestrator import errors, routing
 from orchestrator.metrics import GatewayMetrics, merge_exposition
-from orchestrator.spec import FleetSpec
+from orchestrator.spec import FleetSpec, ModelSpec
 
 log = logging.getLogger("orchestrator.gateway")
 
@@ -30,6 +30,13 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 _TASK_OF_ENDPOINT = {"chat": "generate", "completions": "generate", "embeddings": "embed"}
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 _STATUS_CACHE_S = 1.0
+# A stream whose replica has not answered within HOLD_NOTICE_S is held: the gateway sends
+# the response head and an SSE comment every KEEPALIVE_S until a replica takes it.
+HOLD_NOTICE_S = 1.0
+KEEPALIVE_S = 5.0
+# How often a held non-streaming request re-checks its model's readiness.
+HOLD_CHECK_S = 1.0
+COLD_START_RETRY_AFTER_S = 10
 
 api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -72,6 +79,22 @@ def _is_replica_failure(exc: BaseException) -> bool:
                             BackPressureError, DeploymentUnavailableError))
 
 
+def _error_event(exc: errors.OrchestratorError) -> bytes:
+    """An error inside an SSE stream (the status line is already sent): OpenAI's envelope
+    as a data event, then ``[DONE]``. The openai SDK raises it as an ``APIError``."""
+    _, body, _ = errors.to_envelope(exc)
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+
+
+def _app_name() -> str | None:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        return None
+
+
 class Gateway:
     """The ingress deployment. ``handles`` maps model name to its deployment's handle."""
 
@@ -84,6 +107,10 @@ class Gateway:
         self._created = int(time.time())
         self._status_cache: tuple[float, dict[str, dict[str, int]]] | None = None
         self._deployment_names = dict(deployment_names)
+        self._app_name = _app_name()
+        self._state_actor = None
+        self._state_cache: tuple[float, dict[str, dict[str, Any]]] | None = None
+        self._ensure_state_actor()
 
     # -- OpenAI endpoints -------------------------------------------------------------
 
@@ -151,34 +178,33 @@ class Gateway:
     async def _forward(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
         payload, model, stream = await self._read(request, endpoint)
+        spec = self.fleet.model(model)
+        key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars)
         gauge = self.metrics.in_flight.labels(model)
         gauge.inc()
         handed_off = False
         status: int | str = 500
         try:
             if not stream:
-                try:
-                    status, answer = await asyncio.wait_for(
-                        self.handles[model].call.remote(endpoint, payload), self.timeout_s
-                    )
-                except asyncio.TimeoutError as e:
-                    raise errors.UpstreamTimeout(
-                        f"The model '{model}' did not answer within {self.timeout_s:.0f}s"
-                    ) from e
-                except Exception as e:
-                    raise self._upstream_error(model, e) from e
+                status, answer = await self._call(spec, endpoint, payload, key, started)
                 return Response(answer, status_code=status, media_type="application/json")
-            gen = self.stream_handles[model].stream.remote(endpoint, payload)
+            gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=key)
+            first = asyncio.ensure_future(gen.__anext__())
+            done, _ = await asyncio.wait({first}, timeout=HOLD_NOTICE_S)
+            if not done:
+                # No replica has taken it yet (cold model, or all replicas busy): answer
+                # now and keep the connection alive while it waits.
+                handed_off = True
+                return StreamingResponse(
+                    self._held_stream(first, gen, spec, endpoint, started),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
             try:
-                status, media_type = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
+                status, media_type = first.result()
                 if media_type != "text/event-stream":
-                    answer = await gen.__anext__()
+                    answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     return Response(answer, status_code=status, media_type=media_type)
-            except asyncio.TimeoutError as e:
-                gen.cancel()
-                raise errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s") from e
-            except errors.OrchestratorError:
-                raise
             except Exception as e:
                 gen.cancel()
                 raise self._upstream_error(model, e) from e
@@ -195,6 +221,114 @@ class Gateway:
             if not handed_off:
                 gauge.dec()
                 self.metrics.requests.labels(model, endpoint, str(status)).inc()
+                self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
+
+    async def _call(self, spec: ModelSpec, endpoint: str, payload: dict[str, Any], key: str | None,
+                    started: float) -> tuple[int, bytes]:
+        """A non-streaming request, held while its model has no ready replica."""
+        response = self.handles[spec.name].call.remote(endpoint, payload, route_key=key)
+        task = asyncio.ensure_future(response)
+        try:
+            return await self._await_held(task, spec, started)
+        except errors.OrchestratorError:
+            raise
+        except Exception as e:
+            raise self._upstream_error(spec.name, e) from e
+        finally:
+            if not task.done():
+                task.cancel()
+                response.cancel()
+
+    async def _await_held(self, task: asyncio.Future, spec: ModelSpec, started: float):
+        """``task``'s result; 503 once cold_start_timeout_s passes with no ready replica, 504
+        at request_timeout_s."""
+        held = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=HOLD_CHECK_S)
+                if done:
+                    return task.result()
+                elapsed = time.perf_counter() - started
+                if elapsed >= self.timeout_s:
+                    raise errors.UpstreamTimeout(
+                        f"The model '{spec.name}' did not answer within {self.timeout_s:.0f}s")
+                if not await self._has_ready_replica(spec.name):
+                    if not held:
+                        held = True
+                        self.metrics.held.labels(spec.name).inc()
+                    if elapsed >= spec.autoscaling.cold_start_timeout_s:
+                        raise self._cold_start_timeout(spec)
+        finally:
+            if held:
+                self.metrics.held.labels(spec.name).dec()
+
+    def _cold_start_timeout(self, spec: ModelSpec) -> errors.NoReadyReplica:
+        return errors.NoReadyReplica(
+            f"The model '{spec.name}' has no ready replica after {spec.autoscaling.cold_start_timeout_s:g}s "
+            "(cold start); retry later",
+            retry_after_s=COLD_START_RETRY_AFTER_S,
+        )
+
+    async def _held_stream(self, first: asyncio.Future, gen, spec: ModelSpec, endpoint: str, started: float):
+        """A stream waiting for a replica: SSE comments until it starts, then the stream."""
+        model = spec.name
+        relayed = False
+        status = "200"
+        held = False
+        try:
+            yield f": waiting for a replica of '{model}'\n\n".encode()
+            while not first.done():
+                done, _ = await asyncio.wait({first}, timeout=KEEPALIVE_S)
+                if done:
+                    break
+                elapsed = time.perf_counter() - started
+                ready = await self._has_ready_replica(model)
+                if not ready and not held:
+                    held = True
+                    self.metrics.held.labels(model).inc()
+                failure = None
+                if elapsed >= self.timeout_s:
+                    failure = errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s")
+                elif not ready and elapsed >= spec.autoscaling.cold_start_timeout_s:
+                    failure = self._cold_start_timeout(spec)
+                if failure is not None:
+                    status = str(failure.status)
+                    first.cancel()
+                    gen.cancel()
+                    yield _error_event(failure)
+                    return
+                yield f": waiting for a replica of '{model}' ({elapsed:.0f}s)\n\n".encode()
+            if held:
+                held = False
+                self.metrics.held.labels(model).dec()
+            try:
+                code, media_type = first.result()
+                if media_type != "text/event-stream":
+                    body = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
+                    status = str(code)
+                    yield b"data: " + body + b"\n\ndata: [DONE]\n\n"
+                    return
+            except Exception as e:  # noqa: BLE001 - becomes an error event
+                gen.cancel()
+                failure = e if isinstance(e, errors.OrchestratorError) else self._upstream_error(model, e)
+                status = str(failure.status)
+                yield _error_event(failure)
+                return
+            relayed = True
+            async for chunk in self._relay(gen, model, endpoint, started):
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:
+            if held:
+                self.metrics.held.labels(model).dec()
+            if not first.done():
+                first.cancel()
+                gen.cancel()
+            if not relayed:
+                self.metrics.in_flight.labels(model).dec()
+                self.metrics.requests.labels(model, endpoint, status).inc()
                 self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
 
     def _upstream_error(self, model: str, exc: BaseException) -> errors.OrchestratorError:
@@ -221,8 +355,7 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - the replica died mid-stream
             status = "503"
             log.warning("model %s: stream broke: %r", model, e)
-            error = errors.envelope("The model server stopped while streaming; retry the request.", 503)
-            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+            yield _error_event(errors.NoReadyReplica("The model server stopped while streaming; retry the request."))
         finally:
             self.metrics.in_flight.labels(model).dec()
             self.metrics.requests.labels(model, endpoint, status).inc()
@@ -256,8 +389,75 @@ class Gateway:
         self._status_cache = (now, states)
         return states
 
+    async def _has_ready_replica(self, model: str) -> bool:
+        states = await self._replica_states()
+        return states.get(model, {}).get("RUNNING", 0) > 0
+
+    def _ensure_state_actor(self):
+        if self._state_actor is None and self._app_name:
+            try:
+                from orchestrator.autoscaling import state
+
+                self._state_actor = state.get_or_create(self._app_name)
+            except Exception as e:  # noqa: BLE001 - visibility only
+                log.warning("fleet state actor unavailable: %r", e)
+        return self._state_actor
+
+    async def _autoscaler_state(self) -> dict[str, dict[str, Any]]:
+        """What each model's autoscaling policy last published (cached briefly)."""
+        now = time.monotonic()
+        if self._state_cache and now - self._state_cache[0] < _STATUS_CACHE_S:
+            return self._state_cache[1]
+        snapshot: dict[str, dict[str, Any]] = {}
+        actor = self._ensure_state_actor()
+        if actor is not None:
+            try:
+                snapshot = await asyncio.wait_for(actor.snapshot.remote(), 2)
+            except Exception as e:  # noqa: BLE001 - recreate it next time
+                log.warning("fleet state read failed: %r", e)
+                self._state_actor = None
+        self._state_cache = (now, snapshot)
+        return snapshot
+
+    async def _model_views(self) -> list[dict[str, Any]]:
+        states, scaler = await asyncio.gather(self._replica_states(), self._autoscaler_state())
+        views = []
+        for m in self.fleet.models:
+            s = states.get(m.name, {})
+            snap = scaler.get(m.name) or {}
+            running = s.get("RUNNING", 0)
+            starting = sum(s.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"))
+            target = (snap.get("replicas") or {}).get("target", m.autoscaling.min_replicas)
+            if running == 0:
+                # Serve starts a model at zero without consulting the policy (cold start).
+                target = max(target, starting)
+            a = m.autoscaling
+            views.append({
+                "name": m.name,
+                "task": m.task,
+                "source": m.source,
+                "queue_depth": snap.get("queue_depth", 0.0),
+                "replicas": {
+                    "running": running,
+                    "starting": starting,
+                    "draining": s.get("STOPPING", 0),
+                    "target": target,
+                },
+                "autoscaling": {
+                    "min_replicas": a.min_replicas,
+                    "max_replicas": a.max_replicas,
+                    "target_queue_depth": a.target_queue_depth,
+                    "last_decision": snap.get("last_decision"),
+                    "last_scale": snap.get("last_scale"),
+                    "decisions": snap.get("decisions", {"up": 0, "down": 0}),
+                },
+                "routing": {"policy": m.routing.policy},
+            })
+        return views
+
     @api.get("/ready")
     async def ready(self) -> JSONResponse:
+        """200 when every model can answer: a ready replica, or scaled to zero by design."""
         states = await self._replica_states()
         waiting = [m.name for m in self.fleet.models
                    if states.get(m.name, {}).get("RUNNING", 0) < 1 and m.autoscaling.min_replicas > 0]
@@ -269,28 +469,20 @@ class Gateway:
 
     @api.get("/fleet")
     async def fleet_status(self) -> JSONResponse:
-        states = await self._replica_states()
-        models = []
-        for m in self.fleet.models:
-            s = states.get(m.name, {})
-            models.append({
-                "name": m.name,
-                "task": m.task,
-                "source": m.source,
-                "replicas": {
-                    "running": s.get("RUNNING", 0),
-                    "starting": s.get("STARTING", 0) + s.get("UPDATING", 0) + s.get("RECOVERING", 0),
-                    "target": max(m.autoscaling.min_replicas, 1),
-                },
-                "routing": {"policy": m.routing.policy},
-            })
-        return JSONResponse({"models": models})
+        return JSONResponse({"models": await self._model_views()})
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        parts = [generate_latest(self.metrics.registry).decode()]
+        for view in await self._model_views():
+            name = view["name"]
+            self.metrics.queue_depth.labels(name).set(view["queue_depth"])
+            for state in ("running", "starting", "draining", "target"):
+                self.metrics.replicas.labels(name, state).set(view["replicas"][state])
+            for direction, count in view["autoscaling"]["decisions"].items():
+                self.metrics.decisions.set(name, direction, count)
+        parts = [generate_latest(self.metrics.registry).decode(), generate_latest(routing.REGISTRY).decode()]
 
         async def engine_text(name: str) -> str:
             try:

@@ -1,7 +1,8 @@
-"""One real stack per test session: `slm serve` (real Ray, real vLLM on CPU) on the demo fleet."""
+"""Real stacks for the integration tests: `slm serve` (real Ray, real vLLM on CPU) in a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -37,18 +38,21 @@ class Stack:
             return ""
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
+@contextlib.contextmanager
+def run_stack(log_dir: Path, fleet: Path | None = None, env_extra: dict[str, str] | None = None):
+    """``slm serve`` in a subprocess until it is ready; Ctrl-C (SIGINT) on exit, which must
+    shut it down cleanly (exit code 0)."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("stack") / "slm-serve.log"
+    log_path = log_dir / "slm-serve.log"
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if fleet is not None:
+        cmd += ["-f", str(fleet)]
     log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     stack = Stack(f"http://127.0.0.1:{port}", log_path, proc)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
@@ -68,7 +72,7 @@ def stack(tmp_path_factory) -> Stack:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: Serve shuts down cleanly
             try:
-                proc.wait(timeout=90)
+                proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -76,12 +80,28 @@ def stack(tmp_path_factory) -> Stack:
     assert proc.returncode == 0, f"slm serve did not shut down cleanly:\n{stack.log_tail()}"
 
 
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    """The demo fleet (module-scoped: one Ray cluster at a time on a 2-core machine)."""
+    with run_stack(tmp_path_factory.mktemp("stack")) as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama model (fast to start; see orchestrator.devtools.tiny_model)."""
+    from orchestrator.devtools.tiny_model import build
+
+    cache = Path(os.environ.get("SLM_CACHE_DIR", Path.home() / ".cache" / "slm-orchestrator"))
+    return build(cache / "tiny-llama-2x128")
+
+
+@pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def http(stack):
     with httpx.Client(base_url=stack.url, timeout=120) as c:
         yield c

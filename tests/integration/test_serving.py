@@ -276,8 +276,10 @@ def test_health_ready_and_fleet(http):
     assert http.get("/ready").json() == {"status": "ready"}
     fleet = http.get("/fleet").json()
     for model in fleet["models"]:
-        assert set(model) >= {"name", "task", "source", "replicas"}
-        assert set(model["replicas"]) == {"running", "starting", "target"}
+        assert set(model) >= {"name", "task", "source", "queue_depth", "replicas", "autoscaling", "routing"}
+        assert set(model["replicas"]) == {"running", "starting", "draining", "target"}
+        assert model["routing"] == {"policy": "least-queue"}
+        assert set(model["autoscaling"]) >= {"min_replicas", "max_replicas", "target_queue_depth", "last_decision"}
 
 
 def test_gateway_metrics(client, http):
@@ -297,9 +299,9 @@ def test_slm_status_prints_the_fleet_table(stack):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split()[:5] == ["MODEL", "TASK", "RUNNING", "STARTING", "TARGET"]
-    assert lines[1].split()[:5] == [CHAT, "generate", "1", "0", "1"]
-    assert lines[2].split()[:5] == [EMBED, "embed", "1", "0", "1"]
+    assert lines[0].split()[:7] == ["MODEL", "TASK", "QUEUE", "RUNNING", "STARTING", "DRAINING", "TARGET"]
+    assert lines[1].split()[:9] == [CHAT, "generate", "0", "1", "0", "0", "1", "1-1", "least-queue"]
+    assert lines[2].split()[:9] == [EMBED, "embed", "0", "1", "0", "0", "1", "1-1", "least-queue"]
 
 
 def test_slm_status_unreachable_gateway():

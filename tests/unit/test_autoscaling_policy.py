@@ -58,7 +58,7 @@ def test_a_blip_resets_the_downscale_clock():
 
 
 def test_zero_waits_for_idle_timeout_then_scales_to_zero():
-    steps = [(0, 3, 1, 0), (5, 0, 1, 0), (20, 0, 1, 0), (34, 0, 1, 0), (45, 0, 1, 0)]
+    steps = [(0, 3, 1, 0), (5, 0, 1, 0), (20, 0, 1, 0), (29, 0, 1, 0), (31, 0, 1, 0)]
     decisions = run(steps, ZERO)
     assert [d.target for d in decisions] == [1, 1, 1, 1, 0]
     assert "before zero" in decisions[1].reason
@@ -67,3 +67,33 @@ def test_zero_waits_for_idle_timeout_then_scales_to_zero():
 def test_scale_from_zero_is_immediate():
     decisions = run([(0, 1, 0, 0)], ZERO)
     assert (decisions[0].target, decisions[0].direction) == (1, "up")
+
+
+def test_zero_drops_extra_replicas_first_then_goes_to_zero_after_idle():
+    # Two replicas, idle: down to one after downscale_delay_s, to zero after idle_timeout_s.
+    steps = [(0, 5, 2, 0), (1, 0, 2, 0), (11, 0, 2, 0), (20, 0, 1, 0), (36, 0, 1, 0)]
+    decisions = run(steps, ZERO)
+    assert [(d.target, d.direction) for d in decisions] == [(2, "hold"), (2, "hold"), (1, "down"), (1, "hold"),
+                                                            (0, "down")]
+    assert "idle_timeout_s" in decisions[-1].reason
+
+
+def test_fresh_policy_does_not_scale_to_zero_at_once():
+    # No traffic seen yet (e.g. the controller restarted): the idle clock starts now.
+    decisions = run([(100, 0, 1, 0), (129, 0, 1, 0), (130, 0, 1, 0)], ZERO)
+    assert [d.target for d in decisions] == [1, 1, 0]
+
+
+def test_bounds_clamp_a_huge_queue_and_min_replicas_hold_at_idle():
+    decisions = run([(0, 10_000, 1, 0), (1, 10_000, 1, 0)], L)
+    assert decisions[-1].target == 4
+    assert run([(0, 0, 1, 0), (1000, 0, 1, 0)], L)[-1].target == 1
+
+
+def test_limits_from_spec():
+    from orchestrator.spec import AutoscalingSpec
+
+    spec = AutoscalingSpec(min_replicas=0, max_replicas=3, target_queue_depth=4, upscale_delay_s=2)
+    limits = Limits.from_spec(spec)
+    assert (limits.min_replicas, limits.max_replicas, limits.upscale_delay_s) == (0, 3, 2)
+    assert Limits.from_spec(spec.model_dump()) == limits

@@ -1,0 +1,116 @@
+"""The queue-depth policy plugged into Ray Serve's custom autoscaling API.
+
+Serve's controller calls ``QueueDepthPolicy(ctx)`` every control-loop tick with an
+``AutoscalingContext``. Replicas report their engine's queue depth (waiting + running
+requests, from vLLM's scheduler stats) through ``record_autoscaling_stats``; handles
+report requests queued before any replica took them (``total_queued_requests``, which
+is what wakes a model at zero). The decision itself is the pure ``policy.decide``.
+
+Configured by ``orchestrator.app.replica_options`` as::
+
+    AutoscalingPolicy(policy_function="orchestrator.autoscaling.serve_policy:QueueDepthPolicy",
+                      policy_kwargs={"model": "...", "limits": {...}})
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from orchestrator.autoscaling.policy import Limits, Observation, State, decide
+
+log = logging.getLogger("ray.serve")
+
+QUEUE_DEPTH_METRIC = "queue_depth"
+_PUBLISH_EVERY_S = 1.0
+_LOOKUP_EVERY_S = 5.0
+_REFRESH_EVERY_S = 30.0  # the actor may have been recreated (gateway restart)
+
+
+class QueueDepthPolicy:
+    """A Serve autoscaling policy object: one per model deployment, kept by the controller."""
+
+    def __init__(self, model: str, limits: dict[str, Any]):
+        self.model = model
+        self.limits = Limits.from_spec(limits)
+        self._actor = None
+        self._looked_up_at = 0.0
+        self._published_at = 0.0
+        self._published_key: tuple | None = None
+        self._last_scale: dict[str, Any] | None = None
+        self._counts = {"up": 0, "down": 0}
+        self._last_target: int | None = None
+
+    def observe(self, ctx) -> Observation:
+        per_replica = (ctx.aggregated_metrics or {}).get(QUEUE_DEPTH_METRIC) or {}
+        queued_at_handles = float(ctx.total_queued_requests or 0)
+        if per_replica:
+            queue = sum(float(v) for v in per_replica.values()) + queued_at_handles
+        else:
+            # No replica has reported yet (just started, or none running): Serve's own count.
+            queue = float(ctx.total_num_requests or 0)
+        running = int(ctx.current_num_replicas)
+        starting = max(0, int(ctx.target_num_replicas) - running)
+        return Observation(queue_depth=round(queue, 2), running=running, starting=starting)
+
+    def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        now = ctx.current_time or time.time()
+        obs = self.observe(ctx)
+        saved = ctx.policy_state or {}
+        state = State(saved.get("want_up_since"), saved.get("want_down_since"), saved.get("last_busy"))
+        if self._last_target is not None and ctx.target_num_replicas > self._last_target == 0:
+            # Serve scales a model at zero itself, before calling any policy, as soon as a
+            # request waits for it (the cold-start fast path); record that decision too.
+            self._scaled("up", 0, ctx.target_num_replicas, "requests waiting for a model at zero: cold start", now)
+        decision, state = decide(obs, self.limits, state, now)
+        if decision.direction != "hold" and decision.target != ctx.target_num_replicas:
+            self._scaled(decision.direction, ctx.target_num_replicas, decision.target, decision.reason, now)
+        self._last_target = decision.target
+        self._publish(ctx, obs, decision, now)
+        new_state = {"want_up_since": state.want_up_since, "want_down_since": state.want_down_since,
+                     "last_busy": state.last_busy}
+        return decision.target, new_state
+
+    # -- visibility ------------------------------------------------------------------------
+
+    def _scaled(self, direction: str, before: int, after: int, reason: str, now: float) -> None:
+        self._counts[direction] += 1
+        self._last_scale = {"direction": direction, "from": before, "to": after, "reason": reason, "at": now}
+        log.info("autoscaler: model %s: %s %d -> %d (%s)", self.model, direction, before, after, reason)
+
+    def _publish(self, ctx, obs: Observation, decision, now: float) -> None:
+        key = (decision.target, decision.direction, obs.running, obs.starting)
+        if key == self._published_key and now - self._published_at < _PUBLISH_EVERY_S:
+            return
+        actor = self._state_actor(ctx.app_name, now)
+        if actor is None:
+            return
+        snapshot = {
+            "queue_depth": obs.queue_depth,
+            "replicas": {"running": obs.running, "starting": obs.starting, "target": decision.target},
+            "last_decision": {"direction": decision.direction, "target": decision.target,
+                              "reason": decision.reason, "at": now},
+            "last_scale": self._last_scale,
+            "decisions": dict(self._counts),
+        }
+        try:
+            actor.record.remote(self.model, snapshot)
+        except Exception as e:  # noqa: BLE001 - visibility must never break scaling
+            log.debug("autoscaler: publishing state failed: %r", e)
+            self._actor = None
+            return
+        self._published_key = key
+        self._published_at = now
+
+    def _state_actor(self, app_name: str | None, now: float):
+        since = now - self._looked_up_at
+        if app_name and (since >= _REFRESH_EVERY_S or (self._actor is None and since >= _LOOKUP_EVERY_S)):
+            self._looked_up_at = now
+            try:
+                from orchestrator.autoscaling import state
+
+                self._actor = state.lookup(app_name)
+            except Exception as e:  # noqa: BLE001
+                log.debug("autoscaler: fleet state lookup failed: %r", e)
+        return self._actor

@@ -1,0 +1,56 @@
+"""The fleet's live autoscaling state, shared between the controller and the gateway.
+
+The autoscaling policy runs inside Ray Serve's controller, the gateway in its own replicas.
+A small named actor (no CPU reserved) carries what the policy saw and decided, so ``GET
+/fleet``, ``slm status`` and ``/metrics`` can show queue depth and the last decision with
+its reason. Losing it loses only that view: the gateway recreates it and the policy finds
+it again on its next report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "serve"
+
+
+def actor_name(app_name: str) -> str:
+    return f"slm-fleet-state-{app_name}"
+
+
+class FleetState:
+    """Per model: the latest snapshot the policy published (see ``QueueDepthPolicy``)."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, dict[str, Any]] = {}
+
+    def record(self, model: str, snapshot: dict[str, Any]) -> None:
+        snapshot = dict(snapshot)
+        snapshot["received_at"] = time.time()
+        self._models[model] = snapshot
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return self._models
+
+
+def get_or_create(app_name: str):
+    """The fleet-state actor of an app, created if missing (called by the gateway)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=-1)(FleetState).options(
+        name=actor_name(app_name), namespace=NAMESPACE, get_if_exists=True, lifetime=None,
+    ).remote()
+
+
+def lookup(app_name: str):
+    """The fleet-state actor of an app, or None when there is none yet."""
+    import ray
+
+    try:
+        return ray.get_actor(actor_name(app_name), namespace=NAMESPACE)
+    except ValueError:
+        return None

@@ -1,0 +1,97 @@
+"""Generate a tiny random Llama-architecture model that vLLM serves in seconds on a CPU.
+
+Its weights are random, so its text is gibberish, but it exercises the whole serving path
+(tokenizer, chat template, paged KV cache, prefix cache, batching) at a fraction of a real
+model's cost. head_dim is 64 (the CPU attention kernel rejects 16).
+
+    python -m orchestrator.devtools.tiny_model OUT_DIR [--layers 2] [--hidden 128]
+
+The result is deterministic for the same arguments (fixed seeds), and writing it is
+atomic, so concurrent test workers can share one directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_WORDS = (
+    "the a model serves tokens quickly small language replicas queue batch prefix cache gateway "
+    "route scale stream request answer question system prompt user assistant capital france paris "
+    "one two three four five six seven eight nine ten kernel memory paged attention decode"
+).split()
+
+
+def _corpus(n: int = 4000):
+    import random
+
+    rng = random.Random(0)
+    for _ in range(n):
+        yield " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 24)))
+
+
+def build(out: Path, layers: int = 2, hidden: int = 128, vocab: int = 1024, max_len: int = 4096) -> Path:
+    """Write the model to ``out`` (skipped when it already exists) and return ``out``."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>",
+                                   pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+        max_position_embeddings=max_len, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id, tie_word_embeddings=True, torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config).to(torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128, help="a multiple of 64")
+    args = parser.parse_args(argv)
+    if args.hidden % 64:
+        parser.error("--hidden must be a multiple of 64 (head_dim is 64)")
+    print(build(args.out, layers=args.layers, hidden=args.hidden))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The Ray Serve request router for every model deployment (see ``orchestrator.routing``).
+
+Serve pickles this module by value into each handle's process, so it holds no state of
+its own at module level: metrics and choice logic live in ``orchestrator.routing``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, RequestRouter
+
+from orchestrator import routing
+
+
+class SlmRequestRouter(FIFOMixin, RequestRouter):
+    """One router for all four policies; ``request_router_kwargs`` pick the policy."""
+
+    def initialize_state(self, model: str = "", policy: str = "least-queue", load_factor: float = 1.25,
+                         **_: Any) -> None:
+        self.model = model
+        self.policy = policy
+        self.load_factor = load_factor
+        self._turn = itertools.count()
+
+    def _load(self, replica) -> float:
+        """Outstanding requests: Serve's fresh per-handle queue-length cache, else the
+        replica's last routing stats."""
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        if cached is not None:
+            return float(cached)
+        stats = replica.routing_stats or {}
+        return float(stats.get("queue_depth", 0))
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        if not candidate_replicas:
+            return []
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {rid: self._load(r) for rid, r in by_id.items()}
+        key = pending_request.kwargs.get("route_key") if pending_request is not None else None
+        order, spilled = routing.rank(self.policy, loads, key, self.load_factor, next(self._turn))
+        if spilled:
+            routing.SPILLS.labels(self.model, self.policy).inc()
+        replicas = [by_id[rid] for rid in order]
+        if self.policy == "least-queue":
+            # Serve takes the least-loaded replica of a rank, from its cache or fresh probes.
+            return [replicas]
+        # The preferred replica first; if it cannot take the request (full), the rest.
+        return [replicas[:1], replicas[1:]] if len(replicas) > 1 else [replicas]
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        routing.PICKS.labels(self.model, replica_id.unique_id, self.policy).inc()
