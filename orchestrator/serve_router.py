@@ -50,4 +50,6 @@ class SlmRequestRouter(FIFOMixin, RequestRouter):
         return [replicas[:1], replicas[1:]] if len(replicas) > 1 else [replicas]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        routing.PICKS.labels(self.model, replica_id.unique_id, self.policy).inc()
+        # Count client requests only, not the gateway's own calls (metrics_text).
+        if pending_request.metadata.call_method in ("call", "stream"):
+            routing.PICKS.labels(self.model, replica_id.unique_id, self.policy).inc()

@@ -3,8 +3,10 @@
 The autoscaling policy runs inside Ray Serve's controller, the gateway in its own replicas.
 A small named actor (no CPU reserved) carries what the policy saw and decided, so ``GET
 /fleet``, ``slm status`` and ``/metrics`` can show queue depth and the last decision with
-its reason. Losing it loses only that view: the gateway recreates it and the policy finds
-it again on its next report.
+its reason. Model replicas also push their vLLM metrics here every few seconds, so the
+gateway's ``/metrics`` covers every replica, not only the one a handle call reaches.
+Losing the actor loses only that view: the gateway recreates it and the policy and
+replicas find it again on their next report.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NAMESPACE = "serve"
+ENGINE_METRICS_PUSH_S = 1.0
+ENGINE_METRICS_MAX_AGE_S = 15.0  # then the replica is gone (or stuck)
 
 
 def actor_name(app_name: str) -> str:
@@ -27,6 +31,7 @@ class FleetState:
 
     def __init__(self) -> None:
         self._models: dict[str, dict[str, Any]] = {}
+        self._engine_metrics: dict[str, tuple[float, str]] = {}
 
     def record(self, model: str, snapshot: dict[str, Any]) -> None:
         snapshot = dict(snapshot)
@@ -35,6 +40,18 @@ class FleetState:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return self._models
+
+    def record_engine_metrics(self, replica: str, text: str) -> None:
+        """A replica's vLLM metrics (Prometheus text, already labelled with the replica)."""
+        self._engine_metrics[replica] = (time.time(), text)
+
+    def engine_metrics(self, max_age_s: float = ENGINE_METRICS_MAX_AGE_S) -> list[str]:
+        """The latest metrics text of every replica heard from within ``max_age_s``."""
+        now = time.time()
+        for replica, (at, _) in list(self._engine_metrics.items()):
+            if now - at > max_age_s:
+                del self._engine_metrics[replica]  # a replica that left
+        return [text for _, text in self._engine_metrics.values()]
 
 
 def get_or_create(app_name: str):

@@ -166,6 +166,7 @@ class ModelServer:
         self.engine = await self._start_engine(engine_args)
         await self._init_serving(engine_args, frontend_args)
         self._replica_id = self._make_replica_id()
+        self._metrics_task = asyncio.get_running_loop().create_task(self._push_metrics())
         log.info("model %s: engine ready (%s)", self.spec.name, accelerator(self.spec))
 
     # -- start-up -------------------------------------------------------------------------
@@ -354,6 +355,24 @@ class ModelServer:
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""
         await self.engine.check_health()
+
+    async def _push_metrics(self) -> None:
+        """Send this replica's vLLM metrics to the fleet-state actor every few seconds."""
+        from orchestrator.autoscaling import state
+
+        actor = None
+        while True:
+            await asyncio.sleep(state.ENGINE_METRICS_PUSH_S)
+            try:
+                if actor is None:
+                    from ray import serve
+
+                    actor = await asyncio.to_thread(state.lookup, serve.get_replica_context().app_name)
+                if actor is not None:
+                    await actor.record_engine_metrics.remote(self._replica_id, self.metrics_text())
+            except Exception as e:  # noqa: BLE001 - metrics must never hurt serving
+                log.debug("model %s: metrics push failed: %r", self.spec.name, e)
+                actor = None
 
     def metrics_text(self) -> str:
         """vLLM's own engine metrics from this replica, labelled with the replica id."""

@@ -471,6 +471,27 @@ class Gateway:
     async def fleet_status(self) -> JSONResponse:
         return JSONResponse({"models": await self._model_views()})
 
+    async def _engine_metrics(self) -> list[str]:
+        """vLLM's metrics of every replica (pushed to the fleet state every few seconds);
+        without that actor, of one replica per model, asked directly."""
+        actor = self._ensure_state_actor()
+        if actor is not None:
+            try:
+                texts = await asyncio.wait_for(actor.engine_metrics.remote(), 5)
+                if texts:
+                    return texts
+            except Exception as e:  # noqa: BLE001
+                log.warning("engine metrics from the fleet state failed: %r", e)
+
+        async def engine_text(name: str) -> str:
+            try:
+                return await asyncio.wait_for(self.handles[name].metrics_text.remote(), 5)
+            except Exception as e:  # noqa: BLE001 - a replica starting or gone: skip it
+                log.debug("metrics of %s unavailable: %r", name, e)
+                return ""
+
+        return list(await asyncio.gather(*(engine_text(m.name) for m in self.fleet.models)))
+
     @api.get("/metrics")
     async def metrics(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -484,13 +505,5 @@ class Gateway:
                 self.metrics.decisions.set(name, direction, count)
         parts = [generate_latest(self.metrics.registry).decode(), generate_latest(routing.REGISTRY).decode()]
 
-        async def engine_text(name: str) -> str:
-            try:
-                return await asyncio.wait_for(self.handles[name].metrics_text.remote(), 5)
-            except Exception as e:  # noqa: BLE001 - a replica starting or gone: skip it
-                log.debug("metrics of %s unavailable: %r", name, e)
-                return ""
-
-        texts = await asyncio.gather(*(engine_text(m.name) for m in self.fleet.models))
-        parts.append(merge_exposition(texts))
+        parts.append(merge_exposition(await self._engine_metrics()))
         return Response("".join(parts), media_type=CONTENT_TYPE_LATEST)
