@@ -46,7 +46,8 @@ clean:
 
 # Benchmarks (not tests): each starts its own stack and prints a side-by-side table.
 bench-routing: install
-	$(BIN)/python -m loadtests.bench_routing --out .cache/bench-routing.json
+	$(BIN)/python -m loadtests.bench_routing --concurrency 2 --eager --policies round-robin,prefix-affinity \
+		--out .cache/bench-routing.json
 
 bench-autoscaler: install
 	$(BIN)/python -m loadtests.bench_autoscaler --out .cache/bench-autoscaler.json
