@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     decided = first(lambda p: p["target"] > 1)
     serving = {n: first(lambda p, n=n: p["running"] >= n) for n in range(2, ideal + 1)}
     peak = max(p["target"] for p in timeline)
-    down_decided = first(lambda p: load_stopped_at is not None and p["t"] > load_stopped_at and p["target"] < peak)
+    at_stop = next((p["target"] for p in timeline if p["t"] >= (load_stopped_at or 0)), peak)
+    down_decided = first(lambda p: load_stopped_at is not None and p["t"] > load_stopped_at and p["target"] < at_stop)
     result = {
         "concurrency": args.concurrency, "target_queue_depth": args.target, "ideal_replicas": ideal,
         "peak_target_replicas": peak, "overshoot": peak - ideal,

@@ -29,12 +29,17 @@ class Limits:
     upscale_delay_s: float = 1.0
     downscale_delay_s: float = 60.0
     idle_timeout_s: float = 300.0
+    # Scale up only when the queue exceeds current capacity by more than this fraction:
+    # reports from replicas and handles are sampled at different instants, and a queue
+    # sitting exactly at N x target must not flap between N and N+1 replicas.
+    tolerance: float = 0.1
 
     @classmethod
     def from_spec(cls, autoscaling: Any) -> Limits:
         """The limits of a model's ``autoscaling`` block (an AutoscalingSpec or its dict)."""
         get = autoscaling.get if isinstance(autoscaling, dict) else lambda k: getattr(autoscaling, k)
-        return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls)})
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "tolerance"]
+        return cls(**{name: get(name) for name in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,11 @@ def decide(obs: Observation, limits: Limits, state: State, now: float) -> tuple[
     need = desired_replicas(obs.queue_depth, limits)
     per = f"queue {obs.queue_depth:g} at target {limits.target_queue_depth:g}/replica needs {need}"
     have = f"{obs.running} running + {obs.starting} starting"
+
+    if need > current and current > 0 and obs.queue_depth <= current * limits.target_queue_depth * (
+            1 + limits.tolerance) and limits.min_replicas <= current:
+        return (Decision(current, "hold", f"{per}; within {limits.tolerance:.0%} of {current} x target, holding"),
+                State(None, None, last_busy))
 
     if need > current:
         since = state.want_up_since if state.want_up_since is not None else now

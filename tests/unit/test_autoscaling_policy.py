@@ -97,3 +97,12 @@ def test_limits_from_spec():
     limits = Limits.from_spec(spec)
     assert (limits.min_replicas, limits.max_replicas, limits.upscale_delay_s) == (0, 3, 2)
     assert Limits.from_spec(spec.model_dump()) == limits
+
+
+def test_a_queue_at_exactly_n_times_target_does_not_flap_to_n_plus_one():
+    # 4 replicas (running + starting) for a queue of 16 at target 4: a sample of 17 is noise.
+    decisions = run([(t, 17, 1, 3) for t in range(5)], Limits(max_replicas=6, target_queue_depth=4))
+    assert all(d.target == 4 and d.direction == "hold" and "within 10%" in d.reason for d in decisions)
+    # Clearly more demand still scales up.
+    decisions = run([(0, 20, 1, 3), (1, 20, 1, 3)], Limits(max_replicas=6, target_queue_depth=4))
+    assert decisions[-1].target == 5
