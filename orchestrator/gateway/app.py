@@ -190,7 +190,12 @@ class Gateway:
                 return Response(answer, status_code=status, media_type="application/json")
             gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=key)
             first = asyncio.ensure_future(gen.__anext__())
-            done, _ = await asyncio.wait({first}, timeout=HOLD_NOTICE_S)
+            try:
+                done, _ = await asyncio.wait({first}, timeout=HOLD_NOTICE_S)
+            except asyncio.CancelledError:  # the client left before the stream began
+                first.cancel()
+                gen.cancel()
+                raise
             if not done:
                 # No replica has taken it yet (cold model, or all replicas busy): answer
                 # now and keep the connection alive while it waits.
@@ -205,6 +210,9 @@ class Gateway:
                 if media_type != "text/event-stream":
                     answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     return Response(answer, status_code=status, media_type=media_type)
+            except asyncio.TimeoutError as e:
+                gen.cancel()
+                raise errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s") from e
             except Exception as e:
                 gen.cancel()
                 raise self._upstream_error(model, e) from e
