@@ -145,3 +145,14 @@ def test_cli_serve_validates_before_starting_anything(tmp_path, capsys, monkeypa
     assert cli.main(["serve", "-f", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"{missing}: models[0].source: Python package 'no_such_pkg_xyz' is not installed" in err
+
+
+def test_example_fleets_validate():
+    from pathlib import Path
+
+    from orchestrator.spec import load_fleet
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        assert load_fleet(path).models, path
