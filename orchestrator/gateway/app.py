@@ -95,6 +95,38 @@ def _app_name() -> str | None:
         return None
 
 
+class _Hold:
+    """A request waiting for a replica: counts it in ``slm_requests_held`` while its model has
+    no ready replica, and says when waiting must end (cold start or request timeout)."""
+
+    def __init__(self, gateway: Gateway, spec: ModelSpec, started: float):
+        self.gateway, self.spec, self.started = gateway, spec, started
+        self.held = False
+
+    async def check(self) -> errors.OrchestratorError | None:
+        elapsed = time.perf_counter() - self.started
+        name = self.spec.name
+        if elapsed >= self.gateway.timeout_s:
+            return errors.UpstreamTimeout(f"The model '{name}' did not answer within {self.gateway.timeout_s:.0f}s")
+        if await self.gateway._has_ready_replica(name):
+            return None
+        if not self.held:
+            self.held = True
+            self.gateway.metrics.held.labels(name).inc()
+        if elapsed >= self.spec.autoscaling.cold_start_timeout_s:
+            return errors.NoReadyReplica(
+                f"The model '{name}' has no ready replica after {self.spec.autoscaling.cold_start_timeout_s:g}s "
+                "(cold start); retry later",
+                retry_after_s=COLD_START_RETRY_AFTER_S,
+            )
+        return None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gateway.metrics.held.labels(self.spec.name).dec()
+
+
 class Gateway:
     """The ingress deployment. ``handles`` maps model name to its deployment's handle."""
 
@@ -141,8 +173,8 @@ class Gateway:
     async def embeddings(self, request: Request) -> Response:
         return await self._forward(request, "embeddings")
 
-    async def _read(self, request: Request, endpoint: str) -> tuple[dict[str, Any], str, bool]:
-        """The decoded body, model name and stream flag; raises the right 4xx for bad input."""
+    async def _read(self, request: Request, endpoint: str) -> tuple[dict[str, Any], ModelSpec, bool]:
+        """The decoded body, the model's spec and the stream flag; raises the right 4xx for bad input."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise errors.RequestTooLarge(f"The request body is over {MAX_BODY_BYTES} bytes")
@@ -173,12 +205,12 @@ class Gateway:
             raise errors.InvalidRequest("'stream' must be a boolean", param="stream")
         if endpoint == "embeddings":
             stream = False
-        return payload, model, stream
+        return payload, spec, stream
 
     async def _forward(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
-        payload, model, stream = await self._read(request, endpoint)
-        spec = self.fleet.model(model)
+        payload, spec, stream = await self._read(request, endpoint)
+        model = spec.name
         key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars)
         gauge = self.metrics.in_flight.labels(model)
         gauge.inc()
@@ -250,65 +282,39 @@ class Gateway:
     async def _await_held(self, task: asyncio.Future, spec: ModelSpec, started: float):
         """``task``'s result; 503 once cold_start_timeout_s passes with no ready replica, 504
         at request_timeout_s."""
-        held = False
+        hold = _Hold(self, spec, started)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=HOLD_CHECK_S)
                 if done:
                     return task.result()
-                elapsed = time.perf_counter() - started
-                if elapsed >= self.timeout_s:
-                    raise errors.UpstreamTimeout(
-                        f"The model '{spec.name}' did not answer within {self.timeout_s:.0f}s")
-                if not await self._has_ready_replica(spec.name):
-                    if not held:
-                        held = True
-                        self.metrics.held.labels(spec.name).inc()
-                    if elapsed >= spec.autoscaling.cold_start_timeout_s:
-                        raise self._cold_start_timeout(spec)
+                failure = await hold.check()
+                if failure is not None:
+                    raise failure
         finally:
-            if held:
-                self.metrics.held.labels(spec.name).dec()
-
-    def _cold_start_timeout(self, spec: ModelSpec) -> errors.NoReadyReplica:
-        return errors.NoReadyReplica(
-            f"The model '{spec.name}' has no ready replica after {spec.autoscaling.cold_start_timeout_s:g}s "
-            "(cold start); retry later",
-            retry_after_s=COLD_START_RETRY_AFTER_S,
-        )
+            hold.release()
 
     async def _held_stream(self, first: asyncio.Future, gen, spec: ModelSpec, endpoint: str, started: float):
         """A stream waiting for a replica: SSE comments until it starts, then the stream."""
         model = spec.name
         relayed = False
         status = "200"
-        held = False
+        hold = _Hold(self, spec, started)
         try:
             yield f": waiting for a replica of '{model}'\n\n".encode()
             while not first.done():
                 done, _ = await asyncio.wait({first}, timeout=KEEPALIVE_S)
                 if done:
                     break
-                elapsed = time.perf_counter() - started
-                ready = await self._has_ready_replica(model)
-                if not ready and not held:
-                    held = True
-                    self.metrics.held.labels(model).inc()
-                failure = None
-                if elapsed >= self.timeout_s:
-                    failure = errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s")
-                elif not ready and elapsed >= spec.autoscaling.cold_start_timeout_s:
-                    failure = self._cold_start_timeout(spec)
+                failure = await hold.check()
                 if failure is not None:
                     status = str(failure.status)
                     first.cancel()
                     gen.cancel()
                     yield _error_event(failure)
                     return
-                yield f": waiting for a replica of '{model}' ({elapsed:.0f}s)\n\n".encode()
-            if held:
-                held = False
-                self.metrics.held.labels(model).dec()
+                yield f": waiting for a replica of '{model}' ({time.perf_counter() - started:.0f}s)\n\n".encode()
+            hold.release()
             try:
                 code, media_type = first.result()
                 if media_type != "text/event-stream":
@@ -329,8 +335,7 @@ class Gateway:
             status = "cancelled"
             raise
         finally:
-            if held:
-                self.metrics.held.labels(model).dec()
+            hold.release()
             if not first.done():
                 first.cancel()
                 gen.cancel()

@@ -130,8 +130,8 @@ def test_request_to_a_model_at_zero_is_held_with_keepalives_then_answered(http, 
     assert text.rstrip().endswith("data: [DONE]")
     assert '"finish_reason":"length"' in text.replace(" ", "")
     assert waited > 2, "the model was at zero: its first answer needed a replica to start"
-    view = model_view(http, ZERO)
-    assert view["replicas"]["running"] == 1
+    # /fleet caches Serve's replica states for a second: it may lag the stream by that much.
+    wait_for(http, ZERO, lambda v: v["replicas"]["running"] == 1, 10, "the started replica in /fleet")
     # Now warm: the official client gets a plain answer.
     answer = client.chat.completions.create(model=ZERO, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert answer.choices[0].finish_reason == "length"
