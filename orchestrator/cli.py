@@ -3,6 +3,8 @@
     slm serve [-f FILE] [--host HOST] [--port PORT]
     slm validate -f FILE
     slm status [--url URL]
+    slm render -f FILE --format serve-config|rayservice [--name NAME] [--namespace NS] [--engine gpu|cpu]
+    slm apply -f FILE [--namespace NS] [--name NAME] [--context CTX] [--wait SECONDS]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (the message names the file and
 the field).
@@ -178,6 +180,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> tuple[dict, str]:
+    from orchestrator.k8s import render
+    from orchestrator.spec import parse_fleet, read_fleet_data
+
+    data = read_fleet_data(args.file)
+    fleet = parse_fleet(data, args.file)
+    opts = render.ClusterOptions(
+        name=args.name, namespace=args.namespace, engine=args.engine, image=args.image,
+    )
+    return render.rayservice(fleet, data, opts, origin=args.file), args.file
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from orchestrator.k8s import render
+
+    if args.format == "serve-config":
+        from orchestrator.spec import parse_fleet, read_fleet_data
+
+        data = read_fleet_data(args.file)
+        parse_fleet(data, args.file)
+        print(render.to_yaml(render.serve_config(data)), end="")
+        return 0
+    body, _ = _render(args)
+    print(render.to_yaml(body), end="")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from orchestrator.k8s import apply as k8s_apply
+
+    body, origin = _render(args)
+    _say(f"applying {origin} as rayservice/{body['metadata']['name']}")
+    try:
+        ready = k8s_apply.apply(body, args.namespace, context=args.context, wait_s=args.wait,
+                                say=lambda line: print(line, flush=True))
+    except k8s_apply.ApplyError as e:
+        print(f"slm apply: {e}", file=sys.stderr)
+        return 1
+    return 0 if ready or not args.wait else 1
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--file", required=True, help="fleet YAML")
+    p.add_argument("--name", default="slm", help="RayService name, prefix of its Services (default: slm)")
+    p.add_argument("--namespace", default=None, help="namespace (default: the kube context's, else default)")
+    p.add_argument("--engine", choices=["gpu", "cpu"], default="gpu",
+                   help="engine build of the image; models with accelerator auto run on it (default: gpu)")
+    p.add_argument("--image", default=None, help="worker image (default: the project's image for --engine)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slm", description="Serve small language models on Ray Serve + vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://localhost:8000", help="gateway URL")
     p.add_argument("--json", action="store_true", help="print the raw /fleet JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("render", help="print the Serve config or a complete KubeRay RayService for a fleet")
+    _cluster_args(p)
+    p.add_argument("--format", choices=["serve-config", "rayservice"], default="rayservice",
+                   help="serve-config: Ray Serve's config (serveConfigV2); rayservice: the whole RayService")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("apply", help="create or update the fleet's RayService in the current kube context")
+    _cluster_args(p)
+    p.add_argument("--context", default=None, help="kube context (default: the current one)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to this long for the RayService to be ready (exit 1 if it is not)")
+    p.set_defaults(func=cmd_apply)
 
     args = parser.parse_args(argv)
     try:

@@ -49,6 +49,27 @@ _GATEWAY_FRONTEND_KEYS = {
 }
 
 
+# JSON-schema types of the most used vLLM engine arguments. Validation in Python checks every
+# engine key against the installed vLLM; this table lets tools that only see the exported JSON
+# schema (the Helm chart's values.schema.json, editors) catch the common mistakes too.
+ENGINE_ARG_SCHEMA: dict[str, dict[str, Any]] = {
+    "tensor_parallel_size": {"type": "integer", "minimum": 1, "description": "GPUs per replica."},
+    "pipeline_parallel_size": {"type": "integer", "minimum": 1},
+    "max_model_len": {"type": "integer", "minimum": 1, "description": "Longest prompt plus output."},
+    "max_num_seqs": {"type": "integer", "minimum": 1, "description": "Sequences batched at once."},
+    "max_num_batched_tokens": {"type": "integer", "minimum": 1},
+    "gpu_memory_utilization": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "dtype": {"type": "string", "enum": ["auto", "half", "float16", "bfloat16", "float", "float32"]},
+    "quantization": {"type": ["string", "null"]},
+    "kv_cache_dtype": {"type": "string"},
+    "block_size": {"type": "integer", "minimum": 1},
+    "seed": {"type": ["integer", "null"]},
+    "enforce_eager": {"type": "boolean"},
+    "enable_prefix_caching": {"type": ["boolean", "null"]},
+    "trust_remote_code": {"type": "boolean"},
+}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -126,6 +147,14 @@ class ResourcesSpec(_Strict):
     num_cpus: float = Field(
         1, ge=0, description="Logical CPUs a replica reserves (its engine uses more threads)."
     )
+    accelerator_type: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description=(
+            "GPU type a replica needs, as Ray names it (A10G, L4, A100, H100...); on Kubernetes the "
+            "chart gives such models a worker group of that type. Unset: any GPU."
+        ),
+    )
 
 
 class ModelSpec(_Strict):
@@ -146,6 +175,7 @@ class ModelSpec(_Strict):
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments by their vLLM names, passed through unchanged.",
+        json_schema_extra={"properties": ENGINE_ARG_SCHEMA, "additionalProperties": True},
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica bounds.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Request routing.")
@@ -346,26 +376,32 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
             errors.append(
                 FieldError(f"models[{i}].engine.tensor_parallel_size", "tensor parallelism needs GPUs")
             )
+        if model.resources.accelerator_type and model.resources.accelerator == "cpu":
+            errors.append(FieldError(f"models[{i}].resources.accelerator_type", "a GPU type on a cpu model"))
     if errors:
         raise FleetValidationError(origin, errors)
     return fleet
 
 
-def load_fleet(path: str | Path) -> FleetSpec:
-    """Read and validate a fleet YAML file."""
+def read_fleet_data(path: str | Path) -> Any:
+    """A fleet file's YAML as plain data (not yet validated)."""
     origin = str(path)
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise FleetValidationError(origin, [FieldError("", f"cannot read the file: {e.strerror}")]) from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise FleetValidationError(origin, [FieldError("", f"not valid YAML{where}: {problem}")]) from None
-    return parse_fleet(data, origin)
+
+
+def load_fleet(path: str | Path) -> FleetSpec:
+    """Read and validate a fleet YAML file."""
+    return parse_fleet(read_fleet_data(path), str(path))
 
 
 def demo_fleet_path() -> Path:

@@ -1,0 +1,414 @@
+"""The Helm chart: lint, render, validate against Kubernetes and KubeRay schemas, refuse bad
+values, build the Serve application from what it renders, and stay in sync with the Python
+renderer, the fleet spec and the plain manifests under k8s/.
+
+Uses the real helm v4 and kubectl binaries from tools/ (``make tools``)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from orchestrator.devtools import chart_docs, k8s_manifests
+from orchestrator.devtools.chart import CHART, REPO, ToolError, helm_lint, helm_template, kustomize
+from orchestrator.k8s import render, schema
+
+SHARED = Path(os.environ.get("SLM_SHARED_DIR", REPO.parent / "shared"))
+KUBERAY = SHARED / "third_party" / "kuberay-v1.7.0"
+K8S_VERSION = "1.33"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+BUILTIN_GROUPS = {"v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
+
+
+def test_every_ci_scenario_is_present():
+    names = {p.name for p in CI_VALUES}
+    assert {"dev-cpu-values.yaml", "gpu-values.yaml", "multi-model-values.yaml", "all-on-values.yaml"} <= names
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+def _strict(node):
+    """A CRD schema that rejects unknown fields (what fieldValidation=Strict does on apply)."""
+    if isinstance(node, list):
+        return [_strict(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items()}
+    if "properties" in out and "additionalProperties" not in out and not out.get(
+        "x-kubernetes-preserve-unknown-fields"
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema():
+    path = KUBERAY / "ray.io_rayservices.yaml"
+    assert path.exists(), f"{path} is missing (set SLM_SHARED_DIR to the shared folder)"
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def validate_builtin(doc: dict) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def validate_rayservice(doc: dict, crd_schema: dict) -> None:
+    jsonschema.validate(doc, crd_schema)
+    spec = doc["spec"]
+    # The pod templates and the Service inside are core objects: validate them as such.
+    cluster = spec["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for i, template in enumerate(templates):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"pod-{i}", **template["metadata"]},
+               "spec": template["spec"]}
+        validate_builtin(pod)
+    service = {"apiVersion": "v1", "kind": "Service", **copy.deepcopy(spec["serveService"])}
+    validate_builtin(service)
+    # The Serve config is a valid Ray Serve deploy config.
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
+
+
+def test_strict_crd_schema_catches_a_misspelt_field(rayservice_schema):
+    doc = helm_template()[-1]
+    assert doc["kind"] == "RayService"
+    doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        jsonschema.validate(doc, rayservice_schema)
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_helm_lint_strict(values):
+    result = helm_lint([values])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_rendered_objects_validate(values, rayservice_schema):
+    docs = helm_template([values])
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("RayService") == 1
+    for doc in docs:
+        if doc["apiVersion"] in BUILTIN_GROUPS:
+            validate_builtin(doc)
+        elif doc["kind"] == "RayService":
+            validate_rayservice(doc, rayservice_schema)
+        else:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
+
+
+def test_kubernetes_validate_cli_strict_on_a_rendering(tmp_path):
+    """The same check as a platform team would run it: the kubernetes-validate command."""
+    out = tmp_path / "all-on.yaml"
+    out.write_text("---\n".join(yaml.safe_dump(d) for d in helm_template([CHART / "ci" / "all-on-values.yaml"])))
+    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION, str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for kind in ("ingress", "secret", "configmap", "networkpolicy", "poddisruptionbudget", "serviceaccount"):
+        assert f"passed for resource {kind}/" in proc.stdout
+
+
+def test_all_on_scenario_renders_every_optional_part():
+    docs = helm_template([CHART / "ci" / "all-on-values.yaml"])
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["RayService", "ServiceAccount", "PodDisruptionBudget", "Ingress", "Secret",
+                            "ServiceMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy"])
+    by_kind = {d["kind"]: d for d in docs}
+    rules = by_kind["PrometheusRule"]["spec"]["groups"][0]["rules"]
+    alerts = [r["alert"] for r in rules]
+    assert alerts.count("SlmQueueDepthHigh") == 2  # one per model, at its own bound
+    assert {"SlmErrorRatioHigh", "SlmNoReadyReplica"} <= set(alerts)
+    assert 'slm_queue_depth{model="qwen3-1.7b"}) > 64' in rules[0]["expr"]  # 16 x 4 replicas
+    dashboard = json.loads(by_kind["ConfigMap"]["data"]["slm-orchestrator.json"])
+    titles = " ".join(p["title"] for p in dashboard["panels"])
+    for word in ("first token", "per output token", "tokens/s", "Queue depth", "Replicas", "Errors"):
+        assert word in titles
+    # The API keys Secret is mounted into every Ray pod.
+    cluster = by_kind["RayService"]["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        mounts = {m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+        assert "/etc/slm" in mounts
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "slm-models"
+    assert by_kind["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == (
+        "slm-slm-orchestrator-gateway")
+
+
+def test_pods_run_restricted():
+    cluster = helm_template()[-1]["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        ctx = pod["containers"][0]["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"] == {"drop": ["ALL"]}
+    assert cluster["autoscalerOptions"]["securityContext"]["allowPrivilegeEscalation"] is False
+    assert cluster["workerGroupSpecs"][0]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+# ----------------------------------------------------------------------------- worker groups
+
+
+def _groups(values_file):
+    doc = next(d for d in helm_template([values_file]) if d["kind"] == "RayService")
+    return {g["groupName"]: g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+
+def test_worker_groups_are_sized_from_the_fleet():
+    groups = _groups(CHART / "ci" / "multi-model-values.yaml")
+    # qwen3-4b TP2 (1-4); phi-4-mini TP4 on A100 (0-2); llama 1B + smollm2 TP1 (2-8 + 1-4); minilm cpu (1-3)
+    assert set(groups) == {"gpu-x2", "gpu-x4-a100", "gpu-x1", "cpu"}
+    sizes = {name: (g["minReplicas"], g["maxReplicas"], g["replicas"]) for name, g in groups.items()}
+    assert sizes == {"gpu-x2": (1, 4, 1), "gpu-x4-a100": (0, 2, 0), "gpu-x1": (3, 12, 3), "cpu": (1, 3, 1)}
+    gpus = {n: g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+            for n, g in groups.items()}
+    assert gpus == {"gpu-x2": "2", "gpu-x4-a100": "4", "gpu-x1": "1", "cpu": None}
+    a100 = groups["gpu-x4-a100"]
+    assert a100["resources"] == {"accelerator_type:A100": "1"}
+    assert a100["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    tolerations = a100["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert {"key": "dedicated", "operator": "Equal", "value": "a100", "effect": "NoSchedule"} in tolerations
+    assert groups["gpu-x2"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "16"
+
+
+def test_dev_cpu_scenario_has_only_a_cpu_group_and_the_cpu_image():
+    doc = next(d for d in helm_template([CHART / "ci" / "dev-cpu-values.yaml"]) if d["kind"] == "RayService")
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["cpu"]
+    cpu = cluster["workerGroupSpecs"][0]
+    assert (cpu["minReplicas"], cpu["maxReplicas"]) == (2, 3)  # smollm2 1-2 + minilm 1-1 (spec defaults)
+    assert cpu["rayStartParams"] == {"num-cpus": "2"}
+    image = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "ghcr.io/slm-orchestrator/slm-orchestrator:0.1.0-cpu"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+# ----------------------------------------------------------------------------- bad values
+
+GOOD_MODEL = {"name": "m", "source": "hf://org/m"}
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"fleet": {"models": [{**GOOD_MODEL, "engine": {"tensor_parallel_size": "two"}}]}},
+         "tensor_parallel_size"),
+        ({"fleet": {"models": [{"source": "hf://org/m"}]}}, "name"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "replicas": 2}]}}, "replicas"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "autoscaling": {"min_replicas": -1}}]}}, "min_replicas"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "routing": {"policy": "random"}}]}}, "policy"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "engine": {"gpu_memory_utilization": 1.5}}]}},
+         "gpu_memory_utilization"),
+        ({"fleet": {"models": []}}, "models"),
+        ({"engine": "tpu"}, "engine"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"workers": {"gpu": {"cpusPerGpu": 0}}}, "cpusPerGpu"),
+        ({"replicaCount": 3}, "replicaCount"),
+    ],
+    ids=["tp-two", "no-name", "unknown-model-field", "negative-min", "bad-policy", "gpu-util>1", "no-models",
+         "bad-engine", "bad-pull-policy", "zero-cpus", "unknown-top-key"],
+)
+def test_bad_values_fail_lint_and_template(tmp_path, values, message):
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text(yaml.safe_dump(values))
+    lint = helm_lint([bad])
+    assert lint.returncode != 0
+    assert message in lint.stdout + lint.stderr
+    with pytest.raises(ToolError) as err:
+        helm_template([bad])
+    assert message in err.value.stderr
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"engine": "cpu", "fleet": {"models": [{**GOOD_MODEL, "engine": {"tensor_parallel_size": 2}}]}},
+         "fleet.models[0] (m): engine.tensor_parallel_size 2 needs GPUs"),
+        ({"engine": "cpu", "workers": {"cpu": {"rayCpus": 2}},
+          "fleet": {"models": [{**GOOD_MODEL, "resources": {"num_cpus": 4}}]}},
+         "fleet.models[0] (m): resources.num_cpus 4 is more than a CPU worker pod offers"),
+        ({"apiKeys": {"enabled": True}}, "apiKeys.enabled: give apiKeys.existingSecret"),
+    ],
+    ids=["tp-on-cpu", "cpu-model-too-big", "keys-without-secret"],
+)
+def test_values_the_templates_refuse_name_the_field(tmp_path, values, message):
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text(yaml.safe_dump(values))
+    with pytest.raises(ToolError) as err:
+        helm_template([bad])
+    assert message in err.value.stderr
+
+
+# ----------------------------------------------------------------------------- the real builder
+
+
+def _build(serve_config_v2: str, monkeypatch, engine_build: str):
+    """Build the Serve application from a serveConfigV2 the way Serve's controller does."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app as serve_build
+
+    import orchestrator.engine.args as engine_args
+
+    monkeypatch.setattr(engine_args, "installed_vllm_build", lambda: engine_build)
+    config = yaml.safe_load(serve_config_v2)
+    (app_config,) = config["applications"]
+    module, attr = app_config["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    app = call_user_app_builder_with_args_if_necessary(builder, app_config["args"])
+    built = serve_build(app, name=app_config["name"])
+    return {d.name: d for d in built.deployments}
+
+
+def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
+    """On the GPU image: serveConfigV2 from the chart -> the real builder -> Serve deployments."""
+    doc = next(d for d in helm_template([CHART / "ci" / "multi-model-values.yaml"]) if d["kind"] == "RayService")
+    deployments = _build(doc["spec"]["serveConfigV2"], monkeypatch, "gpu")
+    from orchestrator.app import deployment_name
+
+    expected = {
+        "qwen3-4b": dict(min=1, max=4, target=24, gpus=2, gpu_type=None),
+        "phi-4-mini": dict(min=0, max=2, target=8, gpus=4, gpu_type="A100"),
+        "llama-3.2-1b-instruct": dict(min=2, max=8, target=32, gpus=1, gpu_type=None),
+        "smollm2-360m-instruct": dict(min=1, max=4, target=8, gpus=1, gpu_type=None),
+        "all-minilm-l6-v2": dict(min=1, max=3, target=8, gpus=0, gpu_type=None),
+    }
+    assert set(deployments) == {"gateway"} | {deployment_name(n) for n in expected}
+    for model, want in expected.items():
+        dep = deployments[deployment_name(model)]
+        scaling = dep._deployment_config.autoscaling_config
+        assert (scaling.min_replicas, scaling.max_replicas) == (want["min"], want["max"]), model
+        assert scaling.target_ongoing_requests == want["target"], model
+        assert scaling.policy.policy_kwargs["model"] == model
+        actor = dep.ray_actor_options
+        bundles = dep._replica_config.placement_group_bundles
+        if want["gpus"] == 0:
+            assert "num_gpus" not in actor and not bundles, model
+            assert actor["num_cpus"] == 2
+        elif want["gpus"] == 1:
+            assert actor["num_gpus"] == 1 and not bundles, model
+        else:
+            assert sum(b.get("GPU", 0) for b in bundles) == want["gpus"], model
+            assert dep._replica_config.placement_group_strategy == "STRICT_PACK"
+            if want["gpu_type"]:
+                assert bundles[0][f"accelerator_type:{want['gpu_type']}"] > 0
+    assert deployments["gateway"]._deployment_config.num_replicas == 2
+
+
+def test_dev_cpu_serve_config_builds_cpu_replicas(monkeypatch):
+    doc = next(d for d in helm_template([CHART / "ci" / "dev-cpu-values.yaml"]) if d["kind"] == "RayService")
+    deployments = _build(doc["spec"]["serveConfigV2"], monkeypatch, "cpu")
+    smol = deployments["model-smollm2-135m-instruct"]
+    assert smol._deployment_config.autoscaling_config.max_replicas == 2
+    assert "num_gpus" not in smol.ray_actor_options
+    assert smol.ray_actor_options["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+# ----------------------------------------------------------------------------- sync
+
+
+def test_fleet_schema_and_defaults_are_generated_from_the_spec():
+    assert schema.stale_files(CHART) == [], "run make chart-generate"
+
+
+def test_schema_drift_is_detected(tmp_path):
+    chart = tmp_path / "chart"
+    (chart / "files").mkdir(parents=True)
+    values_schema = json.loads((CHART / "values.schema.json").read_text())
+    del values_schema["properties"]["fleet"]["properties"]["models"]["items"]["properties"]["routing"]
+    (chart / "values.schema.json").write_text(schema.dumps(values_schema))
+    (chart / "files" / "fleet-defaults.json").write_text((CHART / "files" / "fleet-defaults.json").read_text())
+    assert schema.stale_files(chart) == [chart / "values.schema.json"]
+
+
+def test_chart_readme_values_table_is_current():
+    values, missing = chart_docs.documented_values()
+    assert missing == [], f"values without a `# --` description: {missing}"
+    readme = (CHART / "README.md").read_text()
+    assert chart_docs.render_readme(readme, values) == readme, "run make chart-generate"
+    assert {"fleet", "engine", "workers.gpu.acceleratorTypes", "apiKeys.existingSecret"} <= {v.path for v in values}
+
+
+def test_undocumented_value_is_reported(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text("# -- documented\na: 1\nb:\n  # -- nested\n  c: 2\n  d: 3\n")
+    docs, missing = chart_docs.documented_values(values)
+    assert [v.path for v in docs] == ["a", "b.c"]
+    assert missing == ["b.d"]
+
+
+@pytest.mark.parametrize("fleet_file", [CHART / "values.yaml", REPO / "examples" / "fleet-gpu.yaml",
+                                        CHART / "ci" / "multi-model-values.yaml"], ids=lambda p: p.name)
+def test_slm_render_matches_the_chart(fleet_file):
+    """`slm render --format rayservice` and the chart (default values) give the same RayService."""
+    data = yaml.safe_load(fleet_file.read_text())
+    data = data.get("fleet", data)
+    from orchestrator.spec import parse_fleet
+
+    ours = render.rayservice(parse_fleet(data), data, render.ClusterOptions(name="slm"))
+    chart_doc = next(d for d in helm_template(set_json={"fleet": data, "fullnameOverride": "slm"})
+                     if d["kind"] == "RayService")
+
+    def norm(obj):
+        if isinstance(obj, dict):
+            out = {k: norm(v) for k, v in obj.items() if k not in ("helm.sh/chart", "app.kubernetes.io/managed-by")}
+            if "serveConfigV2" in out:
+                out["serveConfigV2"] = json.loads(out["serveConfigV2"])
+            return out
+        if isinstance(obj, list):
+            return [norm(x) for x in obj]
+        return obj
+
+    assert norm(ours) == norm(chart_doc)
+
+
+def test_k8s_manifests_are_generated_from_the_chart():
+    assert k8s_manifests.main(["--check"]) == 0, "run make chart-generate"
+
+
+@pytest.mark.parametrize("overlay", sorted(k8s_manifests.OVERLAYS))
+def test_kustomize_overlay_equals_the_chart_and_validates(overlay, rayservice_schema):
+    built = kustomize(REPO / "k8s" / "overlays" / overlay)
+    chart_docs_ = k8s_manifests.render_overlay(k8s_manifests.OVERLAYS[overlay])
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(built, key=key) == sorted(chart_docs_, key=key)
+    for doc in built:
+        if doc["kind"] == "RayService":
+            validate_rayservice(doc, rayservice_schema)
+        else:
+            validate_builtin(doc)
+
+
+def test_chart_pins_match_the_package():
+    """The chart's Ray version and the Dockerfile's vLLM base follow pyproject's pins."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f'"ray[serve]=={values["rayService"]["rayVersion"]}"' in pyproject
+    assert values["rayService"]["rayVersion"] == render.RAY_VERSION
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    from orchestrator import __version__
+
+    assert chart["appVersion"] == __version__
+    dockerfile = (REPO / "Dockerfile").read_text()
+    vllm_pin = next(line for line in pyproject.splitlines() if '"vllm==' in line).split("==")[1].split('"')[0]
+    assert f"ARG BASE_IMAGE=vllm/vllm-openai:v{vllm_pin}" in dockerfile
+    assert f"v.startswith('{vllm_pin.rsplit('.', 1)[0]}.')" in dockerfile
+    assert values["image"]["repository"] == render.IMAGE_REPOSITORY
+    for copied in ("pyproject.toml", "README.md", "orchestrator"):
+        assert (REPO / copied).exists()
