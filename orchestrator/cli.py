@@ -75,7 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _say(f"fleet {origin}: {', '.join(m.name for m in fleet.models)}")
     _resolve_sources(fleet, origin)
 
-    os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "90")
+    from orchestrator.k8s.render import HTTP_KEEP_ALIVE_S
+
+    # Longer than clients' idle keep-alive, so a reused connection is never cut by the proxy
+    # (the RayService's serveConfigV2 sets the same in http_options).
+    os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", str(HTTP_KEEP_ALIVE_S))
     import ray
     from ray import serve
     from ray.serve.api import RunTarget
