@@ -152,7 +152,14 @@ def test_similar_texts_embed_closer(client):
 def test_each_model_is_served_by_its_own_deployment(client, http):
     client.chat.completions.create(model=CHAT, messages=QUESTION, max_tokens=3)
     client.embeddings.create(model=EMBED, input="x")
-    prompts = {s.labels["model_name"]: s for s in metric_samples(http, "vllm:prompt_tokens_total")}
+    # Replicas push their engine metrics every second: wait for both counters to show.
+    deadline = time.monotonic() + 10
+    while True:
+        prompts = {s.labels["model_name"]: s for s in metric_samples(http, "vllm:prompt_tokens_total")}
+        counted = set(prompts) == {CHAT, EMBED} and all(s.value > 0 for s in prompts.values())
+        if counted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert set(prompts) == {CHAT, EMBED}
     assert prompts[CHAT].labels["replica"] != prompts[EMBED].labels["replica"]
     assert prompts[CHAT].value > 0 and prompts[EMBED].value > 0
