@@ -83,7 +83,8 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
     if accelerator(spec) == "gpu":
         gpu_type = spec.resources.accelerator_type
         if tp == 1:
-            actor["num_gpus"] = 1
+            # A share below one GPU lets small models pack onto one card (see `slm plan`).
+            actor["num_gpus"] = spec.resources.num_gpus or 1
             if gpu_type:
                 actor["accelerator_type"] = gpu_type
         else:

@@ -5,6 +5,7 @@
     slm status [--url URL]
     slm render -f FILE --format serve-config|rayservice [--name NAME] [--namespace NS] [--engine gpu|cpu]
     slm apply -f FILE [--namespace NS] [--name NAME] [--context CTX] [--wait SECONDS]
+    slm plan -f FILE --gpus 4xH100-80GB [--kv-seqs N] [--max-util F] [--write OUT] [--json]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (the message names the file and
 the field).
@@ -44,17 +45,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _resolve_sources(fleet: FleetSpec, origin: str) -> None:
     """Check every local source exists and convert GGUF files now, with progress shown."""
     from orchestrator import sources
+    from orchestrator.engine import speculative
     from orchestrator.spec import FieldError
 
     problems = []
     for i, model in enumerate(fleet.models):
         src = sources.parse_source(model.source)
-        if src.kind == "hf":
-            continue
-        try:
-            sources.resolve(src)
-        except (FileNotFoundError, ValueError) as e:
-            problems.append(FieldError(f"models[{i}].source", str(e)))
+        path = None
+        if src.kind != "hf":
+            try:
+                path, _ = sources.resolve(src)
+            except (FileNotFoundError, ValueError) as e:
+                problems.append(FieldError(f"models[{i}].source", str(e)))
+                continue
+        if model.speculative is not None and model.speculative.method_name == "draft_model":
+            # Build a derived draft now (with progress) and check the draft's tokenizer.
+            try:
+                speculative.resolve_draft(model, path or src.location)
+            except (FileNotFoundError, ValueError) as e:
+                problems.append(FieldError(f"models[{i}].speculative.draft", str(e)))
     if problems:
         raise FleetValidationError(origin, problems)
 
@@ -225,6 +234,41 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0 if ready or not args.wait else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from orchestrator import planner
+    from orchestrator.spec import FieldError, parse_fleet, read_fleet_data
+
+    data = read_fleet_data(args.file)
+    fleet = parse_fleet(data, args.file)
+    try:
+        nodes = planner.parse_gpus(args.gpus)
+        plan = planner.make_plan(fleet, nodes, kv_seqs=args.kv_seqs, max_util=args.max_util)
+    except planner.PlanError as e:
+        if e.model_index is None:
+            print(f"slm plan: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "")
+        raise FleetValidationError(args.file, [FieldError(where, str(e))]) from None
+    if args.json:
+        print(json.dumps([{
+            "model": p.model, "replica": p.replica + 1, "node": p.node, "gpu_type": plan.nodes[p.node].gpu_type,
+            "gpus": p.gpu_indices, "num_gpus": p.num_gpus, "gpu_memory_utilization": p.gpu_memory_utilization,
+            "weight_bytes": int(p.budget.weights), "kv_bytes": int(p.budget.kv), "budget_bytes": int(p.budget.total),
+            "parameters": p.budget.parameters, "size_class": p.budget.size_class,
+        } for p in plan.placements], indent=2))
+    else:
+        print(planner.render_table(plan))
+    skipped = [m.name for m in fleet.models if m.resources.accelerator == "cpu"]
+    if skipped:
+        _say(f"not planned (CPU models): {', '.join(skipped)}")
+    if args.write:
+        Path(args.write).write_text(yaml.safe_dump(planner.planned_fleet(data, fleet, plan), sort_keys=False))
+        _say(f"wrote {args.write}: the fleet with each model's GPU share and gpu_memory_utilization")
+    return 0
+
+
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--file", required=True, help="fleet YAML")
     p.add_argument("--name", default="slm", help="RayService name, prefix of its Services (default: slm)")
@@ -265,6 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="wait up to this long for the RayService to be ready (exit 1 if it is not)")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("plan", help="place every model replica on GPUs by memory footprint")
+    p.add_argument("-f", "--file", required=True, help="fleet YAML")
+    p.add_argument("--gpus", required=True,
+                   help="GPUs per node, e.g. 4xH100-80GB, or several nodes: 4xH100-80GB,2xL4-24GB")
+    p.add_argument("--kv-seqs", type=int, default=16,
+                   help="KV-cache room per replica, in sequences of max_model_len tokens (default: 16)")
+    p.add_argument("--max-util", type=float, default=0.9, help="most of a GPU's memory to plan (default: 0.9)")
+    p.add_argument("--write", metavar="OUT",
+                   help="write the fleet with the plan applied (num_gpus, gpu_memory_utilization)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     args = parser.parse_args(argv)
     try:

@@ -12,6 +12,9 @@ Gateway-side (this module, one registry per gateway process):
   autoscaler last saw (plus requests queued before any replica took them);
 * ``slm_replicas{model,state}``: gauge, replicas ``running``, ``starting`` and ``target``;
 * ``slm_autoscaler_decisions_total{model,direction}``: scaling decisions (``up``/``down``);
+* ``slm_spec_decode_acceptance_rate{model}``: accepted / drafted tokens of speculative
+  decoding over every replica's life, and ``slm_spec_decode_accepted_tokens_per_step{model}``:
+  tokens a verification step yields (1 + accepted per draft), both from vLLM's counters;
 * ``slm_router_picks_total{model,replica,policy}`` and ``slm_router_spills_total{model,policy}``
   (from ``orchestrator.routing``): where the request router sent each request.
 
@@ -65,6 +68,55 @@ class GatewayMetrics:
         )
         self.decisions = DecisionCounts()
         self.registry.register(self.decisions)
+        self.spec_acceptance = Gauge(
+            "slm_spec_decode_acceptance_rate", "Speculative decoding: accepted / drafted tokens.", ["model"],
+            registry=self.registry,
+        )
+        self.spec_tokens_per_step = Gauge(
+            "slm_spec_decode_accepted_tokens_per_step",
+            "Speculative decoding: tokens per verification step (1 + accepted per draft).", ["model"],
+            registry=self.registry,
+        )
+
+
+_SPEC_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+}
+
+
+def spec_decode_totals(texts: list[str]) -> dict[str, dict[str, float]]:
+    """vLLM's speculative-decoding counters summed per model over replicas' metrics texts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, dict[str, float]] = {}
+    for text in texts:
+        if "spec_decode" not in text:
+            continue
+        for family in text_string_to_metric_families(text):
+            key = _SPEC_COUNTERS.get(family.name)
+            if key is None:
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                model = sample.labels.get("model_name", "")
+                per = totals.setdefault(model, {"drafts": 0.0, "draft_tokens": 0.0, "accepted_tokens": 0.0})
+                per[key] += sample.value
+    return totals
+
+
+def spec_decode_rates(totals: dict[str, float]) -> dict[str, float | None]:
+    """Acceptance rate and tokens per verification step from summed counters."""
+    drafts, drafted, accepted = totals.get("drafts", 0), totals.get("draft_tokens", 0), totals.get("accepted_tokens", 0)
+    return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "accepted_tokens_per_step": 1 + accepted / drafts if drafts else None,
+        "drafts": drafts,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+    }
 
 
 class DecisionCounts:

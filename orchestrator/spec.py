@@ -147,6 +147,14 @@ class ResourcesSpec(_Strict):
     num_cpus: float = Field(
         1, ge=0, description="Logical CPUs a replica reserves (its engine uses more threads)."
     )
+    num_gpus: float | None = Field(
+        None, gt=0, le=1,
+        description=(
+            "GPU share of a replica below one GPU (e.g. 0.25), so small models share a GPU; set it with "
+            "a matching engine.gpu_memory_utilization (`slm plan` writes both). Unset: one GPU, or "
+            "tensor_parallel_size GPUs."
+        ),
+    )
     accelerator_type: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
@@ -155,6 +163,66 @@ class ResourcesSpec(_Strict):
             "chart gives such models a worker group of that type. Unset: any GPU."
         ),
     )
+
+
+class DerivedDraft(_Strict):
+    """A draft made from the target itself: its embeddings, first N decoder layers and head."""
+
+    derive_layers: int = Field(
+        ..., ge=1, le=256,
+        description="Decoder layers of the target the draft keeps (fewer than the target has).",
+    )
+
+
+class SpeculativeSpec(_Strict):
+    """Speculative decoding: a cheap proposer drafts tokens, the model verifies them in one step.
+
+    With temperature 0 the output is exactly the model's own; the gain is fewer sequential
+    decode steps when the draft is often right."""
+
+    method: Literal["draft_model", "ngram"] | None = Field(
+        None,
+        description=(
+            "draft_model: a small model with the target's tokenizer proposes tokens (the default when "
+            "`draft` is set); ngram: tokens are looked up in the prompt itself (no draft model)."
+        ),
+    )
+    draft: str | DerivedDraft | None = Field(
+        None,
+        description=(
+            "The draft model: a source (hf://, local folder, .gguf, pkg://) of a small sibling with the "
+            "same tokenizer, or {derive_layers: N} to build one from the target's first N layers."
+        ),
+    )
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="Tokens drafted per step.")
+    prompt_lookup_min: int | None = Field(None, ge=1, le=64, description="ngram: shortest n-gram matched.")
+    prompt_lookup_max: int | None = Field(None, ge=1, le=64, description="ngram: longest n-gram matched.")
+
+    @field_validator("draft")
+    @classmethod
+    def _draft_source(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            sources.parse_source(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeSpec:
+        method = self.method_name
+        if method == "draft_model" and self.draft is None:
+            raise ValueError("draft_model needs `draft` (a source, or {derive_layers: N})")
+        if method == "ngram":
+            if self.draft is not None:
+                raise ValueError("method ngram takes no `draft`")
+        elif self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
+            raise ValueError("prompt_lookup_min/max apply to method ngram only")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"prompt_lookup_min ({lo}) is above prompt_lookup_max ({hi})")
+        return self
+
+    @property
+    def method_name(self) -> str:
+        return self.method or ("ngram" if self.draft is None else "draft_model")
 
 
 class ModelSpec(_Strict):
@@ -180,6 +248,10 @@ class ModelSpec(_Strict):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica bounds.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Request routing.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-replica resources.")
+    speculative: SpeculativeSpec | None = Field(
+        None,
+        description="Speculative decoding with a draft model, a draft derived from this model, or n-grams.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment variables for the replica's process (e.g. VLLM_CPU_KVCACHE_SPACE).",
@@ -341,6 +413,30 @@ def engine_arg_errors(engine: dict[str, Any], base_path: str) -> list[FieldError
     return errors
 
 
+def _shape_errors(model: ModelSpec, i: int) -> list[FieldError]:
+    """Checks that need the model's shape (its config, GGUF header or catalog entry)."""
+    from orchestrator import footprint
+
+    tp = model.engine.get("tensor_parallel_size", 1)
+    derive = model.speculative.draft if model.speculative else None
+    if not (isinstance(tp, int) and tp > 1) and not isinstance(derive, DerivedDraft):
+        return []
+    shape = footprint.source_shape(model.source)
+    if shape is None:
+        return []  # not local and not in the catalog: vLLM checks when the replica starts
+    errors = []
+    if isinstance(tp, int) and tp > 1:
+        for what, count in (("attention heads", shape.num_heads), ("KV heads", shape.num_kv_heads)):
+            if count % tp:
+                errors.append(FieldError(f"models[{i}].engine.tensor_parallel_size",
+                                         f"{tp} does not divide the model's {count} {what}"))
+    if isinstance(derive, DerivedDraft) and derive.derive_layers >= shape.num_layers:
+        errors.append(FieldError(f"models[{i}].speculative.draft.derive_layers",
+                                 f"{derive.derive_layers}: the model has {shape.num_layers} decoder layers; "
+                                 f"a derived draft keeps fewer"))
+    return errors
+
+
 def split_engine_args(engine: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a model's ``engine`` block into vLLM engine kwargs and frontend kwargs."""
     fields = _vllm_arg_fields()
@@ -378,6 +474,18 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
             )
         if model.resources.accelerator_type and model.resources.accelerator == "cpu":
             errors.append(FieldError(f"models[{i}].resources.accelerator_type", "a GPU type on a cpu model"))
+        if model.resources.num_gpus is not None:
+            if model.resources.accelerator == "cpu":
+                errors.append(FieldError(f"models[{i}].resources.num_gpus", "a GPU share on a cpu model"))
+            if isinstance(tp, int) and tp > 1 and model.resources.num_gpus < 1:
+                errors.append(FieldError(f"models[{i}].resources.num_gpus",
+                                         "a GPU share below 1 with tensor_parallel_size > 1 (TP takes whole GPUs)"))
+        if model.speculative is not None and "speculative_config" in model.engine:
+            errors.append(FieldError(f"models[{i}].engine.speculative_config",
+                                     "set `speculative` or engine.speculative_config, not both"))
+        if model.task == "embed" and model.speculative is not None:
+            errors.append(FieldError(f"models[{i}].speculative", "embedding models do not decode"))
+        errors += _shape_errors(model, i)
     if errors:
         raise FleetValidationError(origin, errors)
     return fleet

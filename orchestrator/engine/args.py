@@ -93,10 +93,14 @@ def _normalise(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None):
-    """(AsyncEngineArgs, FrontendArgs) for a model, and the choices made, for logging."""
+def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None, draft_path: str | None = None):
+    """(AsyncEngineArgs, FrontendArgs) for a model, and the choices made, for logging.
+
+    ``draft_path``: the resolved draft model of a ``speculative: {draft: ...}`` block."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    from orchestrator.engine.speculative import speculative_config
 
     engine_kwargs, frontend_kwargs = split_engine_args(spec.engine)
     choices = engine_choices(spec)
@@ -106,6 +110,9 @@ def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None):
     engine_kwargs["served_model_name"] = [spec.name]
     if revision and "revision" not in engine_kwargs:
         engine_kwargs["revision"] = revision
+    spec_config = speculative_config(spec, draft_path)
+    if spec_config is not None:
+        engine_kwargs["speculative_config"] = spec_config
     engine_args = AsyncEngineArgs(**_normalise(engine_kwargs))
     frontend_args = FrontendArgs(**frontend_kwargs)
     return engine_args, frontend_args, choices

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator import errors, metrics, sources
-from orchestrator.engine import openai_compat
+from orchestrator.engine import openai_compat, speculative
 from orchestrator.engine.args import accelerator, build_vllm_args
 from orchestrator.spec import ModelSpec
 
@@ -157,7 +157,8 @@ class ModelServer:
         self.spec = ModelSpec.model_validate(model)
         logging.basicConfig(level=logging.INFO)
         path, revision = await asyncio.to_thread(sources.resolve, self.spec.source)
-        engine_args, frontend_args, choices = build_vllm_args(self.spec, path, revision)
+        draft = await asyncio.to_thread(speculative.resolve_draft, self.spec, path)
+        engine_args, frontend_args, choices = build_vllm_args(self.spec, path, revision, draft)
         for key, value in choices.items():
             log.info("model %s: chose %s=%r (set engine.%s in the fleet to override)",
                      self.spec.name, key, value, key)

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import errors, routing
-from orchestrator.metrics import GatewayMetrics, merge_exposition
+from orchestrator.metrics import GatewayMetrics, merge_exposition, spec_decode_rates, spec_decode_totals
 from orchestrator.spec import FleetSpec, ModelSpec
 
 log = logging.getLogger("orchestrator.gateway")
@@ -142,6 +142,7 @@ class Gateway:
         self._app_name = _app_name()
         self._state_actor = None
         self._state_cache: tuple[float, dict[str, dict[str, Any]]] | None = None
+        self._static_views: dict[str, dict[str, Any]] | None = None
         self._ensure_state_actor()
 
     # -- OpenAI endpoints -------------------------------------------------------------
@@ -432,7 +433,44 @@ class Gateway:
         self._state_cache = (now, snapshot)
         return snapshot
 
-    async def _model_views(self) -> list[dict[str, Any]]:
+    def _describe_models(self) -> dict[str, dict[str, Any]]:
+        """What /fleet shows of each model that does not change while it runs: engine
+        parallelism and precision, size (from its config, GGUF header or the catalog)."""
+        from orchestrator import footprint
+
+        out = {}
+        for m in self.fleet.models:
+            shape = None
+            try:
+                shape = footprint.source_shape(m.source)
+            except Exception as e:  # noqa: BLE001 - a description must not break /fleet
+                log.debug("no shape for %s: %r", m.name, e)
+            view: dict[str, Any] = {
+                "engine": {
+                    "tensor_parallel_size": m.tensor_parallel_size,
+                    "quantization": footprint.source_quantization(m.source, m.engine) or None,
+                },
+                "footprint": None,
+            }
+            if shape is not None:
+                params = shape.parameters()
+                dtype = m.engine.get("dtype")
+                view["footprint"] = {
+                    "parameters": params,
+                    "size_class": footprint.size_class(params),
+                    "weight_bytes": footprint.weight_bytes(shape, dtype, m.engine.get("quantization")),
+                    "kv_bytes_per_token": footprint.kv_bytes_per_token(shape, m.engine.get("kv_cache_dtype") or dtype),
+                }
+            out[m.name] = view
+        return out
+
+    async def _model_views(self, engine_texts: list[str] | None = None) -> list[dict[str, Any]]:
+        if self._static_views is None:
+            self._static_views = await asyncio.to_thread(self._describe_models)
+        speculating = any(m.speculative for m in self.fleet.models)
+        if engine_texts is None and speculating:
+            engine_texts = await self._engine_metrics()
+        spec_totals = spec_decode_totals(engine_texts or []) if speculating else {}
         states, scaler = await asyncio.gather(self._replica_states(), self._autoscaler_state())
         views = []
         for m in self.fleet.models:
@@ -465,8 +503,19 @@ class Gateway:
                     "decisions": snap.get("decisions", {"up": 0, "down": 0}),
                 },
                 "routing": {"policy": m.routing.policy},
+                **self._static_views.get(m.name, {}),
+                "speculative": self._speculative_view(m, spec_totals.get(m.name, {})),
             })
         return views
+
+    @staticmethod
+    def _speculative_view(m: ModelSpec, totals: dict[str, float]) -> dict[str, Any] | None:
+        s = m.speculative
+        if s is None:
+            return None
+        draft = s.draft.model_dump() if hasattr(s.draft, "model_dump") else s.draft
+        return {"method": s.method_name, "draft": draft, "num_speculative_tokens": s.num_speculative_tokens,
+                **spec_decode_rates(totals)}
 
     @api.get("/ready")
     async def ready(self) -> JSONResponse:
@@ -509,8 +558,13 @@ class Gateway:
     async def metrics(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        for view in await self._model_views():
+        engine_texts = await self._engine_metrics()
+        for view in await self._model_views(engine_texts):
             name = view["name"]
+            spec = view.get("speculative") or {}
+            if spec.get("acceptance_rate") is not None:
+                self.metrics.spec_acceptance.labels(name).set(spec["acceptance_rate"])
+                self.metrics.spec_tokens_per_step.labels(name).set(spec["accepted_tokens_per_step"])
             self.metrics.queue_depth.labels(name).set(view["queue_depth"])
             for state in ("running", "starting", "draining", "target"):
                 self.metrics.replicas.labels(name, state).set(view["replicas"][state])
@@ -518,5 +572,5 @@ class Gateway:
                 self.metrics.decisions.set(name, direction, count)
         parts = [generate_latest(self.metrics.registry).decode(), generate_latest(routing.REGISTRY).decode()]
 
-        parts.append(merge_exposition(await self._engine_metrics()))
+        parts.append(merge_exposition(engine_texts))
         return Response("".join(parts), media_type=CONTENT_TYPE_LATEST)

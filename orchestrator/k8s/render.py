@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Literal
 
 import yaml
@@ -100,13 +101,22 @@ class WorkerGroup:
     name: str
     gpus: int  # per pod; 0 for the CPU group
     gpu_type: str | None
-    min_replicas: int = 0
-    max_replicas: int = 0
+    min_pods: float = 0.0
+    max_pods: float = 0.0
     models: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def min_replicas(self) -> int:
+        return math.ceil(self.min_pods - 1e-6)
+
+    @property
+    def max_replicas(self) -> int:
+        return math.ceil(self.max_pods - 1e-6)
 
 
 def worker_groups(fleet: FleetSpec, engine: str) -> list[WorkerGroup]:
-    """Worker groups sized from the fleet: a pod per GPU replica, summed per pod shape."""
+    """Worker groups sized from the fleet: a pod per GPU replica (a replica with a GPU share
+    below 1 counts as that share of a pod), summed per pod shape."""
     groups: dict[str, WorkerGroup] = {}
     for spec in fleet.models:
         if _placement(spec, engine) == "cpu":
@@ -115,8 +125,9 @@ def worker_groups(fleet: FleetSpec, engine: str) -> list[WorkerGroup]:
             gpus, gpu_type = spec.tensor_parallel_size, spec.resources.accelerator_type
             key = f"gpu-x{gpus}" + (f"-{gpu_type.lower()}" if gpu_type else "")
         group = groups.setdefault(key, WorkerGroup(key, gpus, gpu_type))
-        group.min_replicas += spec.autoscaling.min_replicas
-        group.max_replicas += spec.autoscaling.max_replicas
+        share = (spec.resources.num_gpus or 1.0) if gpus == 1 else 1.0
+        group.min_pods += spec.autoscaling.min_replicas * share
+        group.max_pods += spec.autoscaling.max_replicas * share
         group.models.append(spec.name)
     return [groups[k] for k in sorted(groups)]
 

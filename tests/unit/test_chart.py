@@ -172,10 +172,11 @@ def _groups(values_file):
 
 def test_worker_groups_are_sized_from_the_fleet():
     groups = _groups(CHART / "ci" / "multi-model-values.yaml")
-    # qwen3-4b TP2 (1-4); phi-4-mini TP4 on A100 (0-2); llama 1B + smollm2 TP1 (2-8 + 1-4); minilm cpu (1-3)
+    # qwen3-4b TP2 (1-4); phi-4-mini TP4 on A100 (0-2); llama 1B on whole GPUs (2-8) + smollm2 on
+    # quarter GPUs (1-4 replicas = 0.25-1 pods) -> 3-9 pods; minilm cpu (1-3)
     assert set(groups) == {"gpu-x2", "gpu-x4-a100", "gpu-x1", "cpu"}
     sizes = {name: (g["minReplicas"], g["maxReplicas"], g["replicas"]) for name, g in groups.items()}
-    assert sizes == {"gpu-x2": (1, 4, 1), "gpu-x4-a100": (0, 2, 0), "gpu-x1": (3, 12, 3), "cpu": (1, 3, 1)}
+    assert sizes == {"gpu-x2": (1, 4, 1), "gpu-x4-a100": (0, 2, 0), "gpu-x1": (3, 9, 3), "cpu": (1, 3, 1)}
     gpus = {n: g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
             for n, g in groups.items()}
     assert gpus == {"gpu-x2": "2", "gpu-x4-a100": "4", "gpu-x1": "1", "cpu": None}
@@ -286,7 +287,7 @@ def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
         "qwen3-4b": dict(min=1, max=4, target=24, gpus=2, gpu_type=None),
         "phi-4-mini": dict(min=0, max=2, target=8, gpus=4, gpu_type="A100"),
         "llama-3.2-1b-instruct": dict(min=2, max=8, target=32, gpus=1, gpu_type=None),
-        "smollm2-360m-instruct": dict(min=1, max=4, target=8, gpus=1, gpu_type=None),
+        "smollm2-360m-instruct": dict(min=1, max=4, target=8, gpus=0.25, gpu_type=None),
         "all-minilm-l6-v2": dict(min=1, max=3, target=8, gpus=0, gpu_type=None),
     }
     assert set(deployments) == {"gateway"} | {deployment_name(n) for n in expected}
@@ -301,8 +302,8 @@ def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
         if want["gpus"] == 0:
             assert "num_gpus" not in actor and not bundles, model
             assert actor["num_cpus"] == 2
-        elif want["gpus"] == 1:
-            assert actor["num_gpus"] == 1 and not bundles, model
+        elif want["gpus"] <= 1:
+            assert actor["num_gpus"] == want["gpus"] and not bundles, model
         else:
             assert sum(b.get("GPU", 0) for b in bundles) == want["gpus"], model
             assert dep._replica_config.placement_group_strategy == "STRICT_PACK"

@@ -93,14 +93,17 @@ a JSON list of {name, placement (cpu|gpu), gpus, gpuType, min, max, target, numC
 {{- if and (eq $placement "cpu") (gt $gpus 1) }}
 {{- fail (printf "fleet.models[%d] (%s): engine.tensor_parallel_size %d needs GPUs, but the model runs on CPU (engine: %s)" $i $m.name $gpus $.Values.engine) }}
 {{- end }}
-{{- $out = append $out (dict "name" $m.name "placement" $placement "gpus" $gpus "gpuType" $gpuType "min" $min "max" $max "target" $target) }}
+{{- $share := 1.0 }}
+{{- if and (hasKey $res "num_gpus") $res.num_gpus (eq $gpus 1) }}{{ $share = $res.num_gpus | float64 }}{{ end }}
+{{- $out = append $out (dict "name" $m.name "placement" $placement "gpus" $gpus "gpuType" $gpuType "min" $min "max" $max "target" $target "share" $share) }}
 {{- end }}
 {{- toJson $out }}
 {{- end }}
 
 {{/*
 Worker groups sized from the fleet: one per pod shape (GPUs per replica, GPU type) plus one
-for CPU models; replicas summed over the models that share the shape.
+for CPU models; pods summed over the models that share the shape, a replica with a GPU
+share below 1 (resources.num_gpus) counting as that share of a pod.
 A JSON list of {name, gpus, gpuType, min, max}, sorted by name.
 */}}
 {{- define "slm-orchestrator.workerGroups" -}}
@@ -113,14 +116,18 @@ A JSON list of {name, gpus, gpuType, min, max}, sorted by name.
 {{- $key = printf "gpu-x%d" $gpus }}
 {{- if $m.gpuType }}{{ $key = printf "%s-%s" $key (lower $m.gpuType) }}{{ end }}
 {{- end }}
-{{- $g := get $groups $key | default (dict "name" $key "gpus" $gpus "gpuType" (ternary $m.gpuType "" (eq $m.placement "gpu")) "min" 0 "max" 0) }}
-{{- $_ := set $g "min" (add $g.min $m.min) }}
-{{- $_ := set $g "max" (add $g.max $m.max) }}
+{{- $g := get $groups $key | default (dict "name" $key "gpus" $gpus "gpuType" (ternary $m.gpuType "" (eq $m.placement "gpu")) "min" 0.0 "max" 0.0) }}
+{{- $share := ternary $m.share 1.0 (eq $m.placement "gpu") }}
+{{- $_ := set $g "min" (addf $g.min (mulf $m.min $share)) }}
+{{- $_ := set $g "max" (addf $g.max (mulf $m.max $share)) }}
 {{- $_ := set $groups $key $g }}
 {{- end }}
 {{- $out := list }}
 {{- range $key := keys $groups | sortAlpha }}
-{{- $out = append $out (get $groups $key) }}
+{{- $g := get $groups $key }}
+{{- $_ := set $g "min" (ceil (subf $g.min 0.000001) | int) }}
+{{- $_ := set $g "max" (ceil (subf $g.max 0.000001) | int) }}
+{{- $out = append $out $g }}
 {{- end }}
 {{- toJson $out }}
 {{- end }}

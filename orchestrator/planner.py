@@ -1,0 +1,261 @@
+"""Placement planner: which GPUs (or GPU fractions) each model replica gets, by memory.
+
+A replica's memory budget is its weights, the KV cache for ``kv_seqs`` sequences of
+``max_model_len`` tokens, and runtime overhead (activations, CUDA graphs, the CUDA context:
+1 GiB + 10% of the weights). A replica that fits in a fraction of a GPU shares that GPU
+with others (fractional Ray ``num_gpus`` and a matching vLLM ``gpu_memory_utilization``);
+a replica with ``tensor_parallel_size`` N takes N whole GPUs of one node. Replicas are
+packed largest first onto the first GPU with room (first-fit decreasing), up to
+``max_util`` of each GPU's memory. Every model is planned at ``max_replicas``, so the
+autoscaler can always reach it.
+
+Example::
+
+    plan = make_plan(fleet, parse_gpus("4xH100-80GB"))
+    print(render_table(plan))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from orchestrator import footprint, sources
+from orchestrator.spec import FleetSpec, ModelSpec
+
+GIB = 1024**3
+# Known GPUs: memory in GiB as sold (80 GB cards report ~79.2 GiB usable; the planner's
+# max_util leaves that margin).
+GPU_MEMORY_GB = {
+    "H200-141GB": 141, "H100-94GB": 94, "H100-80GB": 80, "A100-80GB": 80, "A100-40GB": 40, "L40S-48GB": 48,
+    "L40-48GB": 48, "A6000-48GB": 48, "A10G-24GB": 24, "A10-24GB": 24, "L4-24GB": 24, "RTX4090-24GB": 24,
+    "V100-32GB": 32, "V100-16GB": 16, "T4-16GB": 16,
+}
+_GPU_RE = re.compile(r"^(?:(\d+)\s*x\s*)?([A-Za-z0-9]+)-(\d+(?:\.\d+)?)GB$", re.IGNORECASE)
+FRACTION_STEP = 0.05
+
+
+class PlanError(ValueError):
+    """The fleet does not fit; ``model_index`` and ``field`` say where to look."""
+
+    def __init__(self, message: str, model_index: int | None = None, field: str = ""):
+        self.model_index = model_index
+        self.field = field
+        super().__init__(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    index: int
+    gpu_type: str  # Ray's accelerator type name: H100, A10G, L4...
+    gpu_name: str  # as given: H100-80GB
+    gpu_memory_gb: float
+    gpus: int
+
+
+def parse_gpus(text: str) -> list[Node]:
+    """``4xH100-80GB`` (one node of 4), or several nodes: ``4xH100-80GB,2xL4-24GB``."""
+    nodes = []
+    for i, item in enumerate(part.strip() for part in text.split(",")):
+        m = _GPU_RE.match(item)
+        if not m:
+            known = ", ".join(sorted(GPU_MEMORY_GB))
+            raise PlanError(f"--gpus {item!r}: expected COUNTxTYPE-MEMGB, e.g. 4xH100-80GB (known: {known})")
+        count = int(m.group(1) or 1)
+        if count < 1:
+            raise PlanError(f"--gpus {item!r}: a node needs at least one GPU")
+        name = f"{m.group(2).upper()}-{m.group(3)}GB"
+        nodes.append(Node(i, m.group(2).upper(), name, float(m.group(3)), count))
+    return nodes
+
+
+@dataclasses.dataclass
+class Budget:
+    """One replica's memory need, per GPU it uses."""
+
+    weights: float
+    kv: float
+    overhead: float
+    gpus: int  # whole GPUs (tensor parallel) or 1 for a fraction of one
+    max_model_len: int
+    kv_seqs: int
+    parameters: int
+    size_class: str
+    quantization: str | None
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv + self.overhead
+
+
+@dataclasses.dataclass
+class Placement:
+    model: str
+    replica: int
+    node: int
+    gpu_indices: list[int]
+    num_gpus: float  # Ray's per-replica GPUs: N for tensor parallel, a fraction below 1
+    gpu_memory_utilization: float
+    budget: Budget
+
+
+@dataclasses.dataclass
+class Plan:
+    nodes: list[Node]
+    placements: list[Placement]
+    used: dict[tuple[int, int], float]  # (node, gpu) -> fraction of memory taken
+
+    def for_model(self, name: str) -> list[Placement]:
+        return [p for p in self.placements if p.model == name]
+
+
+def model_shape(spec: ModelSpec) -> footprint.ModelShape:
+    """The model's shape: from its local config.json, else the built-in catalog."""
+    src = sources.parse_source(spec.source)
+    if src.kind == "hf":
+        shape = footprint.catalog_shape(src.location)
+        if shape is None:
+            raise PlanError(f"{src.location} is not in the catalog and is not local; its size is unknown "
+                            f"(serve it from a local folder, or add it to orchestrator/footprint.py)")
+        return shape
+    path, _ = sources.resolve(src)
+    return footprint.ModelShape.from_dir(path)
+
+
+def budget(spec: ModelSpec, kv_seqs: int) -> Budget:
+    shape = model_shape(spec)
+    tp = spec.tensor_parallel_size
+    quant = spec.engine.get("quantization")
+    dtype = spec.engine.get("dtype")
+    weights = footprint.weight_bytes(shape, dtype, quant)
+    max_len = int(spec.engine.get("max_model_len") or shape.max_position_embeddings)
+    seqs = min(kv_seqs, int(spec.engine.get("max_num_seqs") or kv_seqs))
+    kv = footprint.kv_bytes_per_token(shape, spec.engine.get("kv_cache_dtype") or dtype) * max_len * seqs
+    overhead = 1 * GIB + 0.10 * weights
+    params = shape.parameters()
+    return Budget(weights / tp, kv / tp, overhead, tp, max_len, seqs, params, footprint.size_class(params), quant)
+
+
+def _fraction(need: float, gpu_bytes: float) -> float:
+    return min(1.0, math.ceil(need / gpu_bytes / FRACTION_STEP - 1e-9) * FRACTION_STEP)
+
+
+def _place_one(spec: ModelSpec, r: int, b: Budget, nodes: list[Node], used: dict[tuple[int, int], float],
+               max_util: float) -> Placement | None:
+    """Place one replica on the first GPU(s) of ``nodes`` with room (mutating ``used``)."""
+    for node in nodes:
+        gpu_bytes = node.gpu_memory_gb * 1e9
+        frac = _fraction(b.total, gpu_bytes)
+        if b.gpus == 1 and frac <= max_util:
+            for g in range(node.gpus):
+                if used[(node.index, g)] + frac <= max_util + 1e-9:
+                    used[(node.index, g)] += frac
+                    return Placement(spec.name, r, node.index, [g], frac, frac, b)
+        elif b.gpus > 1 and b.total <= max_util * gpu_bytes:
+            free = [g for g in range(node.gpus) if used[(node.index, g)] == 0.0]
+            if len(free) >= b.gpus:
+                chosen = free[: b.gpus]
+                for g in chosen:
+                    used[(node.index, g)] = 1.0
+                # Whole GPUs are the replica's own: the KV cache may take all the planned room.
+                return Placement(spec.name, r, node.index, chosen, float(b.gpus), max_util, b)
+    return None
+
+
+def make_plan(fleet: FleetSpec, nodes: list[Node], kv_seqs: int = 16, max_util: float = 0.9) -> Plan:
+    """Pack every GPU model's max_replicas onto ``nodes``; raise PlanError naming a model that does not fit.
+
+    Models are placed largest first (tensor-parallel ones, then by memory); all replicas of a
+    model go to one GPU type (the first in ``nodes`` where they all fit), so one GPU share and
+    one memory fraction describe them."""
+    used: dict[tuple[int, int], float] = {(n.index, g): 0.0 for n in nodes for g in range(n.gpus)}
+    wanted = []
+    for i, spec in enumerate(fleet.models):
+        if spec.resources.accelerator == "cpu":
+            continue
+        try:
+            wanted.append((i, spec, budget(spec, kv_seqs)))
+        except (PlanError, FileNotFoundError, ValueError) as e:
+            raise PlanError(f"model {spec.name!r}: {e}", i, "source") from None
+    wanted.sort(key=lambda x: (-x[2].gpus, -x[2].total))
+    placements: list[Placement] = []
+    for i, spec, b in wanted:
+        asked = spec.resources.accelerator_type
+        types = list(dict.fromkeys(n.gpu_type for n in nodes if not asked or n.gpu_type == asked.upper()))
+        if not types:
+            raise PlanError(f"model {spec.name!r} asks for {asked} GPUs; --gpus has none", i,
+                            "resources.accelerator_type")
+        best: tuple[int, str] = (-1, types[0])
+        for gpu_type in types:
+            trial = dict(used)
+            typed = [n for n in nodes if n.gpu_type == gpu_type]
+            mine = []
+            for r in range(spec.autoscaling.max_replicas):
+                placed = _place_one(spec, r, b, typed, trial, max_util)
+                if placed is None:
+                    break
+                mine.append(placed)
+            if len(mine) == spec.autoscaling.max_replicas:
+                used.update(trial)
+                placements.extend(mine)
+                break
+            best = max(best, (len(mine), gpu_type))
+        else:
+            placed_count, gpu_type = best
+            biggest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpu_memory_gb)
+            need, room = b.total / 1e9, max_util * biggest.gpu_memory_gb
+            if need > room:
+                what = (f"needs {need:.1f} GB per GPU (weights {b.weights / 1e9:.1f}, KV {b.kv / 1e9:.1f} for "
+                        f"{b.kv_seqs} x {b.max_model_len} tokens, overhead {b.overhead / 1e9:.1f}), more than "
+                        f"{max_util:.0%} of a {biggest.gpu_name} ({room:.1f} GB)")
+                hint = "raise tensor_parallel_size, lower engine.max_model_len, or quantize"
+            else:
+                what = (f"replica {placed_count + 1} of {spec.autoscaling.max_replicas} finds no GPU with room "
+                        f"left (after the larger models)")
+                hint = "add GPUs or lower max_replicas"
+            raise PlanError(f"model {spec.name!r} does not fit: {what}; {hint}", i, "")
+    order = [s.name for s in fleet.models]
+    placements.sort(key=lambda p: (order.index(p.model), p.replica))
+    return Plan(nodes, placements, used)
+
+
+def planned_fleet(fleet_data: dict[str, Any], fleet: FleetSpec, plan: Plan) -> dict[str, Any]:
+    """The fleet as written, with each planned model's GPU share and memory fraction set."""
+    import copy
+
+    out = copy.deepcopy(fleet_data)
+    for raw, spec in zip(out["models"], fleet.models, strict=True):
+        mine = plan.for_model(spec.name)
+        if not mine:
+            continue
+        first = mine[0]
+        raw.setdefault("engine", {})["gpu_memory_utilization"] = first.gpu_memory_utilization
+        resources = dict(raw.get("resources") or {})
+        if first.num_gpus < 1:
+            resources["num_gpus"] = first.num_gpus
+        node_types = {plan.nodes[p.node].gpu_type for p in mine}
+        if len(node_types) == 1 and len({n.gpu_type for n in plan.nodes}) > 1:
+            resources["accelerator_type"] = node_types.pop()
+        if resources:
+            raw["resources"] = resources
+    return out
+
+
+def render_table(plan: Plan) -> str:
+    rows = [("MODEL", "REPLICA", "CLASS", "PARAMS", "NODE", "GPUS", "NUM_GPUS", "GPU_MEM_UTIL", "WEIGHTS",
+             "KV", "BUDGET")]
+    for p in plan.placements:
+        node = plan.nodes[p.node]
+        b = p.budget
+        rows.append((p.model, str(p.replica + 1), b.size_class, f"{b.parameters / 1e9:.2f}B",
+                     f"{node.index}:{node.gpu_name}", ",".join(map(str, p.gpu_indices)), f"{p.num_gpus:g}",
+                     f"{p.gpu_memory_utilization:.2f}", f"{b.weights / 1e9:.2f} GB", f"{b.kv / 1e9:.2f} GB",
+                     f"{b.total / 1e9:.2f} GB"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    lines.append("")
+    for (n, g), frac in sorted(plan.used.items()):
+        lines.append(f"node {n} ({plan.nodes[n].gpu_name}) GPU {g}: {frac:.0%} of memory planned")
+    return "\n".join(lines)
