@@ -437,6 +437,7 @@ class Gateway:
         """What /fleet shows of each model that does not change while it runs: engine
         parallelism and precision, size (from its config, GGUF header or the catalog)."""
         from orchestrator import footprint
+        from orchestrator.engine.args import engine_choices
 
         out = {}
         for m in self.fleet.models:
@@ -454,8 +455,9 @@ class Gateway:
             }
             if shape is not None:
                 params = shape.parameters()
-                dtype = m.engine.get("dtype")
+                dtype = m.engine.get("dtype") or engine_choices(m).get("dtype")  # as served
                 view["footprint"] = {
+                    "dtype": dtype or shape.dtype,
                     "parameters": params,
                     "size_class": footprint.size_class(params),
                     "weight_bytes": footprint.weight_bytes(shape, dtype, m.engine.get("quantization")),
