@@ -468,10 +468,13 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
     for i, model in enumerate(fleet.models):
         errors += engine_arg_errors(model.engine, f"models[{i}].engine")
         tp = model.engine.get("tensor_parallel_size", 1)
-        if isinstance(tp, int) and tp > 1 and model.resources.accelerator == "cpu":
-            errors.append(
-                FieldError(f"models[{i}].engine.tensor_parallel_size", "tensor parallelism needs GPUs")
-            )
+        if isinstance(tp, int) and tp > 1 and model.resources.accelerator == "cpu" and model.resources.num_cpus < tp:
+            # vLLM's CPU build runs tensor parallelism with one process per rank, each bound to its cores.
+            errors.append(FieldError(
+                f"models[{i}].resources.num_cpus",
+                f"tensor_parallel_size {tp} on CPU gives each rank a core: reserve at least {tp} (now "
+                f"{model.resources.num_cpus:g})",
+            ))
         if model.resources.accelerator_type and model.resources.accelerator == "cpu":
             errors.append(FieldError(f"models[{i}].resources.accelerator_type", "a GPU type on a cpu model"))
         if model.resources.num_gpus is not None:

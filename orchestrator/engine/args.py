@@ -58,8 +58,9 @@ def engine_choices(spec: ModelSpec) -> dict[str, Any]:
         chosen["runner"] = "pooling"
     if accelerator(spec) == "cpu" and "dtype" not in spec.engine and not cpu_has_fast_bf16():
         chosen["dtype"] = "float32"
-    if accelerator(spec) == "gpu" and spec.tensor_parallel_size > 1:
-        chosen.setdefault("distributed_executor_backend", "ray")
+    if spec.tensor_parallel_size > 1:
+        # GPUs: Ray workers in the replica's placement group. CPU: one local process per rank.
+        chosen.setdefault("distributed_executor_backend", "ray" if accelerator(spec) == "gpu" else "mp")
     return chosen
 
 

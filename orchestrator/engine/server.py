@@ -177,6 +177,8 @@ class ModelServer:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor.abstract import Executor
 
+        self._bind_cpu_ranks()
+
         def create():
             config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
             if accelerator(self.spec) == "gpu" and self.spec.tensor_parallel_size > 1:
@@ -193,6 +195,25 @@ class ModelServer:
             log_stats=not engine_args.disable_log_stats,
             stat_loggers=[self.load.logger_factory()],
         )
+
+    def _bind_cpu_ranks(self) -> None:
+        """Tensor parallelism on CPU: vLLM binds each rank's threads to its own cores, and on a
+        single NUMA node it needs the split spelled out (VLLM_CPU_OMP_THREADS_BIND="0-3|4-7").
+        Split the cores this process may use into one contiguous group per rank, unless the
+        fleet set the variable in the model's env."""
+        tp = self.spec.tensor_parallel_size
+        if accelerator(self.spec) != "cpu" or tp < 2 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            return
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < tp:
+            raise RuntimeError(f"tensor_parallel_size {tp} on CPU needs {tp} cores; this replica may use "
+                               f"{len(cores)}")
+        size = len(cores) // tp
+        groups = [cores[r * size:(r + 1) * size] for r in range(tp)]
+        binding = "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+        log.info("model %s: tensor parallelism on CPU, ranks bound to cores %s (set VLLM_CPU_OMP_THREADS_BIND "
+                 "in the model's env to override)", self.spec.name, binding)
 
     async def _init_serving(self, engine_args, frontend_args) -> None:
         from starlette.datastructures import State

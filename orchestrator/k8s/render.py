@@ -231,11 +231,6 @@ def check_fits(fleet: FleetSpec, opts: ClusterOptions, origin: str = "<fleet>") 
     errors = []
     for i, spec in enumerate(fleet.models):
         on_cpu = _placement(spec, opts.engine) == "cpu"
-        if on_cpu and spec.tensor_parallel_size > 1:
-            errors.append(FieldError(
-                f"models[{i}].engine.tensor_parallel_size",
-                f"{spec.tensor_parallel_size} GPUs per replica, but the model runs on CPU (engine: {opts.engine})",
-            ))
         if on_cpu and spec.resources.num_cpus > CPU_WORKER_RAY_CPUS:
             errors.append(FieldError(
                 f"models[{i}].resources.num_cpus",

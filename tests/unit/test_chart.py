@@ -240,14 +240,12 @@ def test_bad_values_fail_lint_and_template(tmp_path, values, message):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"engine": "cpu", "fleet": {"models": [{**GOOD_MODEL, "engine": {"tensor_parallel_size": 2}}]}},
-         "fleet.models[0] (m): engine.tensor_parallel_size 2 needs GPUs"),
         ({"engine": "cpu", "workers": {"cpu": {"rayCpus": 2}},
           "fleet": {"models": [{**GOOD_MODEL, "resources": {"num_cpus": 4}}]}},
          "fleet.models[0] (m): resources.num_cpus 4 is more than a CPU worker pod offers"),
         ({"apiKeys": {"enabled": True}}, "apiKeys.enabled: give apiKeys.existingSecret"),
     ],
-    ids=["tp-on-cpu", "cpu-model-too-big", "keys-without-secret"],
+    ids=["cpu-model-too-big", "keys-without-secret"],
 )
 def test_values_the_templates_refuse_name_the_field(tmp_path, values, message):
     bad = tmp_path / "bad-values.yaml"

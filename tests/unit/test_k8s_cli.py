@@ -165,10 +165,10 @@ def test_render_cpu_engine_uses_the_cpu_image_and_group(capsys):
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0-cpu")
 
 
-def test_render_tensor_parallel_model_on_the_cpu_engine_is_refused(capsys):
-    assert cli.main(["render", "-f", str(GPU_FLEET), "--engine", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert f"{GPU_FLEET}: models[1].engine.tensor_parallel_size: 2 GPUs per replica" in err
+def test_render_on_the_cpu_engine_puts_every_model_in_the_cpu_group(capsys):
+    assert cli.main(["render", "-f", str(GPU_FLEET), "--engine", "cpu"]) == 0  # TP 2 runs on CPU too
+    cluster = yaml.safe_load(capsys.readouterr().out)["spec"]["rayClusterConfig"]
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["cpu"]
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_defaults_fill_in():
         (make_fleet(replicas=3), "models[0].replicas", "unknown field"),
         (make_fleet(env={"BAD-NAME": "1"}), "models[0].env", "not a valid environment variable"),
         (make_fleet(resources={"accelerator": "cpu"}, engine={"tensor_parallel_size": 2}),
-         "models[0].engine.tensor_parallel_size", "needs GPUs"),
+         "models[0].resources.num_cpus", "tensor_parallel_size 2 on CPU gives each rank a core"),
     ],
 )
 def test_bad_model_fields_are_named(fleet, path, message):

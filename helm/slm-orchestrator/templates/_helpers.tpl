@@ -90,9 +90,6 @@ a JSON list of {name, placement (cpu|gpu), gpus, gpuType, min, max, target, numC
 {{- if and (eq $placement "cpu") (gt $numCpus (float64 $.Values.workers.cpu.rayCpus)) }}
 {{- fail (printf "fleet.models[%d] (%s): resources.num_cpus %v is more than a CPU worker pod offers (workers.cpu.rayCpus %v)" $i $m.name $numCpus $.Values.workers.cpu.rayCpus) }}
 {{- end }}
-{{- if and (eq $placement "cpu") (gt $gpus 1) }}
-{{- fail (printf "fleet.models[%d] (%s): engine.tensor_parallel_size %d needs GPUs, but the model runs on CPU (engine: %s)" $i $m.name $gpus $.Values.engine) }}
-{{- end }}
 {{- $share := 1.0 }}
 {{- if and (hasKey $res "num_gpus") $res.num_gpus (eq $gpus 1) }}{{ $share = $res.num_gpus | float64 }}{{ end }}
 {{- $out = append $out (dict "name" $m.name "placement" $placement "gpus" $gpus "gpuType" $gpuType "min" $min "max" $max "target" $target "share" $share) }}
