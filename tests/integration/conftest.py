@@ -4,80 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from orchestrator.devtools.stack import Stack
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = float(os.environ.get("SLM_TEST_STARTUP_TIMEOUT_S", "900"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Stack:
-    def __init__(self, url: str, log_path: Path, proc: subprocess.Popen):
-        self.url = url
-        self.log_path = log_path
-        self.proc = proc
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
 @contextlib.contextmanager
-def run_stack(log_dir: Path, fleet: Path | None = None, env_extra: dict[str, str] | None = None):
+def run_stack(log_dir: Path, fleet: Path | dict | None = None, env_extra: dict[str, str] | None = None):
     """``slm serve`` in a subprocess until it is ready; Ctrl-C (SIGINT) on exit, which must
     shut it down cleanly (exit code 0)."""
-    port = _free_port()
-    log_path = log_dir / "slm-serve.log"
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    if fleet is not None:
-        cmd += ["-f", str(fleet)]
-    log = log_path.open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    stack = Stack(f"http://127.0.0.1:{port}", log_path, proc)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    from orchestrator.devtools.stack import StackError, serve_stack
+
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"slm serve exited with {proc.returncode}:\n{stack.log_tail()}")
-            try:
-                if httpx.get(f"{stack.url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"stack not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{stack.log_tail()}")
-            time.sleep(2)
-        yield stack
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: Serve shuts down cleanly
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-    assert proc.returncode == 0, f"slm serve did not shut down cleanly:\n{stack.log_tail()}"
+        with serve_stack(fleet, log_dir, env_extra=env_extra, startup_timeout_s=STARTUP_TIMEOUT_S) as stack:
+            yield stack
+    except StackError as e:
+        pytest.fail(str(e))
+    assert stack.returncode == 0, f"slm serve did not shut down cleanly:\n{stack.log_tail()}"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,105 @@
+"""Run `slm serve` on a fleet in a subprocess until it is ready, then stop it with Ctrl-C.
+
+Shared by the integration tests and the benchmarks under loadtests/::
+
+    with serve_stack({"models": [...]}, Path("/tmp/run")) as stack:
+        httpx.get(f"{stack.url}/v1/models")
+    assert stack.returncode == 0   # a clean shutdown
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class StackError(RuntimeError):
+    """The stack exited or was not ready in time; the message ends with its log's tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, url: str, log_path: Path, proc: subprocess.Popen):
+        self.url = url
+        self.log_path = log_path
+        self.proc = proc
+        self.returncode: int | None = None
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def serve_stack(
+    fleet: dict | Path | None,
+    workdir: Path,
+    *,
+    env_extra: dict[str, str] | None = None,
+    startup_timeout_s: float = 900,
+    on_wait: Callable[[float], None] | None = None,
+) -> Iterator[Stack]:
+    """A ready stack for ``fleet`` (a dict as in fleet.yaml, a file, or None for the demo).
+
+    Its output goes to ``workdir/slm-serve.log``. On exit it gets SIGINT (what Ctrl-C
+    sends), up to 120 s to stop, then SIGKILL; ``stack.returncode`` holds its exit code."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if isinstance(fleet, dict):
+        path = workdir / "fleet.yaml"
+        path.write_text(yaml.safe_dump(fleet))
+        fleet = path
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if fleet is not None:
+        cmd += ["-f", str(fleet)]
+    log_path = workdir / "slm-serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        stack = Stack(f"http://127.0.0.1:{port}", log_path, proc)
+        started = time.monotonic()
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise StackError(f"slm serve exited with {proc.returncode}:\n{stack.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{stack.url}/ready", timeout=5).status_code == 200:
+                        break
+                waited = time.monotonic() - started
+                if waited > startup_timeout_s:
+                    raise StackError(f"stack not ready after {startup_timeout_s:.0f}s:\n{stack.log_tail()}")
+                if on_wait:
+                    on_wait(waited)
+                time.sleep(2)
+            yield stack
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: Serve shuts down cleanly
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            stack.returncode = proc.returncode
