@@ -61,6 +61,14 @@ class Unauthorized(OrchestratorError):
     code = "invalid_api_key"
 
 
+class Forbidden(OrchestratorError):
+    """A valid key without the right to this endpoint (e.g. /fleet without admin)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
 class UnknownModel(OrchestratorError):
     status = 404
     type = "invalid_request_error"

@@ -225,6 +225,14 @@ class SpeculativeSpec(_Strict):
         return self.method or ("ngram" if self.draft is None else "draft_model")
 
 
+class RequestLimits(_Strict):
+    """Caps on one request; a request over one gets a 400 naming it."""
+
+    max_tokens: int | None = Field(None, ge=1, description="Most output tokens a request may ask for.")
+    max_n: int | None = Field(None, ge=1, le=128, description="Most choices (`n`) per request.")
+    max_messages: int | None = Field(None, ge=1, description="Most chat messages per request.")
+
+
 class ModelSpec(_Strict):
     """One served model: where its weights come from and how its replicas run."""
 
@@ -256,6 +264,10 @@ class ModelSpec(_Strict):
         default_factory=dict,
         description="Environment variables for the replica's process (e.g. VLLM_CPU_KVCACHE_SPACE).",
     )
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="Request caps for this model; unset fields fall back to gateway.limits.",
+    )
     max_ongoing_requests: int = Field(
         1024,
         ge=1,
@@ -281,6 +293,29 @@ class ModelSpec(_Strict):
         return int(self.engine.get("tensor_parallel_size", 1))
 
 
+class AuthSpec(_Strict):
+    """API keys the gateway checks (``Authorization: Bearer KEY``); exactly one source."""
+
+    keys_file: str | None = Field(None, min_length=1, description="A keys YAML file (e.g. a mounted Secret).")
+    keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="An environment variable holding the keys YAML.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthSpec:
+        if (self.keys_file is None) == (self.keys_env is None):
+            raise ValueError("set exactly one of keys_file and keys_env")
+        return self
+
+
+class AuditSpec(_Strict):
+    """One JSON line per request: time, request id, key name, model, status, tokens, latency."""
+
+    enabled: bool = Field(False, description="Write the audit log.")
+    path: str | None = Field(None, description="File to append to; unset: the gateway's stdout.")
+    include_prompts: bool = Field(False, description="Also log the request body (prompts). Off by default.")
+
+
 class GatewaySpec(_Strict):
     """The OpenAI-compatible ingress."""
 
@@ -290,6 +325,12 @@ class GatewaySpec(_Strict):
     request_timeout_s: float = Field(
         600, gt=0, description="Longest a request may take end to end before a 504."
     )
+    auth: AuthSpec | None = Field(None, description="API keys; unset: no authentication.")
+    audit: AuditSpec = Field(default_factory=AuditSpec, description="The audit log.")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body; larger gets a 413.",
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request caps for every model.")
 
 
 class FleetSpec(_Strict):

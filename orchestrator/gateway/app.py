@@ -11,9 +11,13 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
+import re
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,12 +25,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import errors, routing
+from orchestrator.gateway import auth as keys
+from orchestrator.gateway import ratelimit
+from orchestrator.gateway.audit import AuditLog
 from orchestrator.metrics import GatewayMetrics, merge_exposition, spec_decode_rates, spec_decode_totals
 from orchestrator.spec import FleetSpec, ModelSpec
 
 log = logging.getLogger("orchestrator.gateway")
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
+# Tokens reserved against a key's tokens-per-minute for a request without max_tokens
+# (reconciled with the answer's real usage when it is known).
+DEFAULT_RESERVED_OUTPUT_TOKENS = 256
+KEYS_RELOAD_CHECK_S = 5.0
 _TASK_OF_ENDPOINT = {"chat": "generate", "completions": "generate", "embeddings": "embed"}
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 _STATUS_CACHE_S = 1.0
@@ -49,8 +60,12 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 @api.exception_handler(errors.OrchestratorError)
-async def _orchestrator_error(_: Request, exc: errors.OrchestratorError) -> JSONResponse:
-    return error_response(exc)
+async def _orchestrator_error(request: Request, exc: errors.OrchestratorError) -> JSONResponse:
+    response = error_response(exc)
+    ctx = getattr(request.state, "ctx", None)
+    if ctx is not None and ctx.echo_id:
+        response.headers["x-request-id"] = ctx.request_id
+    return response
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -93,6 +108,76 @@ def _app_name() -> str | None:
         return serve.get_replica_context().app_name
     except Exception:  # noqa: BLE001 - outside a Serve replica
         return None
+
+
+@dataclasses.dataclass
+class _RequestContext:
+    """One request's bookkeeping: its id, key, reservation and outcome (for the audit log)."""
+
+    request_id: str
+    echo_id: bool
+    endpoint: str
+    started: float
+    key: keys.KeyRecord | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int | str = 500
+    reserved: int = 0
+    usage: dict[str, Any] | None = None
+    body: Any = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def note_usage(self, data: bytes) -> None:
+        """Keep the ``usage`` object of an answer or stream chunk, if it has one."""
+        if b'"usage"' not in data:
+            return
+        for part in data.split(b"\n"):
+            text = part[6:] if part.startswith(b"data: ") else part
+            if b'"usage"' not in text:
+                continue
+            try:
+                usage = json.loads(text).get("usage")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(usage, dict):
+                self.usage = usage
+
+
+def _request_id(request: Request) -> tuple[str, bool]:
+    """(the request's id, whether the gateway must echo it). Under Ray Serve the proxy has
+    already taken the client's x-request-id (or made one) and returns it itself."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        serve_id = _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside Serve
+        serve_id = ""
+    if serve_id:
+        return serve_id, False
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given, True
+    return uuid.uuid4().hex, True
+
+
+def _replica_id() -> str | None:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve
+        return None
+
+
+def _estimate_tokens(payload: dict[str, Any]) -> int:
+    """Prompt tokens (about 4 characters each) plus the output the request may ask for."""
+    text = payload.get("messages") or payload.get("prompt") or payload.get("input") or ""
+    chars = len(json.dumps(text)) if not isinstance(text, str) else len(text)
+    asked = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    output = asked if isinstance(asked, int) and asked > 0 else DEFAULT_RESERVED_OUTPUT_TOKENS
+    if "input" in payload and "messages" not in payload and "prompt" not in payload:
+        output = 0  # embeddings produce no tokens
+    return chars // 4 + 1 + output
 
 
 class _Hold:
@@ -143,21 +228,119 @@ class Gateway:
         self._state_actor = None
         self._state_cache: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._static_views: dict[str, dict[str, Any]] | None = None
+        self.max_body_bytes = self.fleet.gateway.max_body_bytes
+        self._keys: keys.KeyStore | None = None
+        self._keys_checked = 0.0
+        self._keys_mtime: float | None = None
+        if self.fleet.gateway.auth is not None:
+            self._load_keys()
+        audit = self.fleet.gateway.audit
+        self.audit = AuditLog(audit.path, audit.include_prompts) if audit.enabled else None
+        self._limiter = None
+        self._replica = _replica_id()
         self._ensure_state_actor()
+
+    # -- keys, limits, audit --------------------------------------------------------
+
+    def _load_keys(self) -> None:
+        a = self.fleet.gateway.auth
+        if a.keys_file:
+            self._keys_mtime = os.stat(a.keys_file).st_mtime
+            self._keys = keys.load_keys_file(a.keys_file)
+        else:
+            self._keys = keys.load_keys_env(a.keys_env)
+        log.info("API keys loaded: %d keys", len(self._keys))
+
+    def _current_keys(self) -> keys.KeyStore | None:
+        """The key store, reloaded when its file changes (a rotated Secret); a broken new
+        file keeps the old keys and logs why."""
+        a = self.fleet.gateway.auth
+        now = time.monotonic()
+        if a is not None and a.keys_file and now - self._keys_checked > KEYS_RELOAD_CHECK_S:
+            self._keys_checked = now
+            try:
+                if os.stat(a.keys_file).st_mtime != self._keys_mtime:
+                    self._load_keys()
+            except (OSError, ValueError) as e:
+                log.error("keeping the previous API keys: %s", e)
+        return self._keys
+
+    def _authenticate(self, request: Request, admin: bool = False) -> keys.KeyRecord | None:
+        """The caller's key (None when auth is off); 401 without a valid key, 403 for a
+        non-admin key on an admin endpoint."""
+        store = self._current_keys()
+        if store is None:
+            return None
+        presented = keys.bearer(request.headers.get("authorization"))
+        if presented is None:
+            raise errors.Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
+        record = store.authenticate(presented)
+        if record is None:
+            raise errors.Unauthorized("Incorrect API key provided.")
+        if admin and not record.admin:
+            raise errors.Forbidden("This key may not read this endpoint (it needs an admin key).")
+        return record
+
+    def _limiter_actor(self):
+        if self._limiter is None:
+            self._limiter = ratelimit.get_or_create(self._app_name)
+        return self._limiter
+
+    async def _admit(self, ctx: _RequestContext, payload: dict[str, Any]) -> None:
+        """Take the request and its reserved tokens from the key's limits, or raise 429."""
+        key = ctx.key
+        if key is None or not (key.rpm or key.tpm):
+            return
+        tokens = _estimate_tokens(payload) if key.tpm else 0
+        try:
+            decision = await self._limiter_actor().acquire.remote(key.name, key.rpm, key.tpm, tokens)
+        except Exception as e:  # noqa: BLE001 - the limiter actor restarting: admit rather than fail
+            log.warning("rate limiter unavailable, admitting: %r", e)
+            self._limiter = None
+            return
+        ctx.headers.update(decision.headers)
+        if not decision.allowed:
+            headers = dict(decision.headers)
+            if decision.retry_after_s > 0:
+                headers["Retry-After"] = str(max(1, int(decision.retry_after_s + 0.999)))
+                headers["retry-after-ms"] = str(int(decision.retry_after_s * 1000))
+            raise errors.RateLimited(f"Rate limit for key '{key.name}': {decision.reason}.", headers=headers)
+        ctx.reserved = tokens
+
+    def _finish(self, ctx: _RequestContext) -> None:
+        """Reconcile the key's tokens with what the answer used; write the audit line."""
+        usage = ctx.usage or {}
+        if ctx.reserved and ctx.key is not None and ctx.key.tpm:
+            used = usage.get("total_tokens")
+            if isinstance(used, int) and self._limiter is not None:
+                self._limiter.reconcile.remote(ctx.key.name, ctx.key.tpm, ctx.reserved, used)
+        if self.audit is not None:
+            status = ctx.status
+            if isinstance(status, str) and status.isdigit():
+                status = int(status)
+            self.audit.write({
+                "request_id": ctx.request_id, "gateway": self._replica, "key": ctx.key.name if ctx.key else None,
+                "model": ctx.model,
+                "endpoint": ctx.endpoint, "status": status, "stream": ctx.stream,
+                "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+                "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 1), "body": ctx.body,
+            })
 
     # -- OpenAI endpoints -------------------------------------------------------------
 
     @api.get("/v1/models")
-    async def list_models(self) -> JSONResponse:
+    async def list_models(self, request: Request) -> JSONResponse:
+        key = self._authenticate(request)
         data = [
             {"id": m.name, "object": "model", "created": self._created, "owned_by": "slm-orchestrator"}
-            for m in self.fleet.models
+            for m in self.fleet.models if key is None or key.allows(m.name)
         ]
         return JSONResponse({"object": "list", "data": data})
 
     @api.get("/v1/models/{model:path}")
-    async def get_model(self, model: str) -> JSONResponse:
-        if self.fleet.model(model) is None:
+    async def get_model(self, model: str, request: Request) -> JSONResponse:
+        key = self._authenticate(request)
+        if self.fleet.model(model) is None or (key is not None and not key.allows(model)):
             raise errors.UnknownModel(model)
         return JSONResponse({"id": model, "object": "model", "created": self._created,
                              "owned_by": "slm-orchestrator"})
@@ -174,14 +357,17 @@ class Gateway:
     async def embeddings(self, request: Request) -> Response:
         return await self._forward(request, "embeddings")
 
-    async def _read(self, request: Request, endpoint: str) -> tuple[dict[str, Any], ModelSpec, bool]:
+    async def _read(self, request: Request, endpoint: str,
+                    key: keys.KeyRecord | None = None) -> tuple[dict[str, Any], ModelSpec, bool]:
         """The decoded body, the model's spec and the stream flag; raises the right 4xx for bad input."""
+        limit = self.max_body_bytes
+        too_large = f"The request body is over the gateway's limit of {limit} bytes (gateway.max_body_bytes)"
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise errors.RequestTooLarge(f"The request body is over {MAX_BODY_BYTES} bytes")
+        if length and length.isdigit() and int(length) > limit:
+            raise errors.RequestTooLarge(too_large)
         body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise errors.RequestTooLarge(f"The request body is over {MAX_BODY_BYTES} bytes")
+        if len(body) > limit:
+            raise errors.RequestTooLarge(too_large)
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -192,8 +378,9 @@ class Gateway:
         if not isinstance(model, str) or not model:
             raise errors.InvalidRequest("You must provide a model parameter", param="model")
         spec = self.fleet.model(model)
-        if spec is None:
-            raise errors.UnknownModel(model)
+        if spec is None or (key is not None and not key.allows(model)):
+            raise errors.UnknownModel(model)  # the same answer: do not reveal models a key may not use
+        self._check_limits(spec, payload)
         if spec.task != _TASK_OF_ENDPOINT[endpoint]:
             what = "an embedding model" if spec.task == "embed" else "a generative model"
             raise errors.WrongTask(
@@ -208,9 +395,51 @@ class Gateway:
             stream = False
         return payload, spec, stream
 
+    def _check_limits(self, spec: ModelSpec, payload: dict[str, Any]) -> None:
+        """The model's request caps (falling back to gateway.limits): 400 naming the cap."""
+        caps = self.fleet.gateway.limits
+        own = spec.limits
+
+        def cap(name: str) -> int | None:
+            value = getattr(own, name)
+            return value if value is not None else getattr(caps, name)
+
+        asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
+        limit = cap("max_tokens")
+        if limit is not None and isinstance(asked, int) and asked > limit:
+            param = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+            raise errors.InvalidRequest(f"{param} {asked} is over this model's limit of {limit} (limits.max_tokens)",
+                                        param=param)
+        n, limit = payload.get("n"), cap("max_n")
+        if limit is not None and isinstance(n, int) and n > limit:
+            raise errors.InvalidRequest(f"n {n} is over this model's limit of {limit} (limits.max_n)", param="n")
+        messages, limit = payload.get("messages"), cap("max_messages")
+        if limit is not None and isinstance(messages, list) and len(messages) > limit:
+            raise errors.InvalidRequest(f"{len(messages)} messages are over this model's limit of {limit} "
+                                        "(limits.max_messages)", param="messages")
+
     async def _forward(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
-        payload, spec, stream = await self._read(request, endpoint)
+        ctx = _RequestContext(*_request_id(request), endpoint, started)
+        request.state.ctx = ctx
+        try:
+            ctx.key = self._authenticate(request)
+            payload, spec, stream = await self._read(request, endpoint, ctx.key)
+            ctx.model, ctx.stream = spec.name, stream
+            if self.audit is not None and self.audit.include_prompts:
+                ctx.body = payload
+            await self._admit(ctx, payload)
+        except errors.OrchestratorError as e:
+            ctx.status = e.status
+            self._finish(ctx)
+            raise
+        if ctx.echo_id:
+            ctx.headers["x-request-id"] = ctx.request_id
+        return await self._serve(ctx, endpoint, payload, spec, stream, request)
+
+    async def _serve(self, ctx: _RequestContext, endpoint: str, payload: dict[str, Any], spec: ModelSpec,
+                     stream: bool, request: Request) -> Response:
+        started = ctx.started
         model = spec.name
         key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars)
         gauge = self.metrics.in_flight.labels(model)
@@ -220,7 +449,8 @@ class Gateway:
         try:
             if not stream:
                 status, answer = await self._call(spec, endpoint, payload, key, started)
-                return Response(answer, status_code=status, media_type="application/json")
+                ctx.note_usage(answer)
+                return Response(answer, status_code=status, media_type="application/json", headers=ctx.headers)
             gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=key)
             first = asyncio.ensure_future(gen.__anext__())
             try:
@@ -234,15 +464,15 @@ class Gateway:
                 # now and keep the connection alive while it waits.
                 handed_off = True
                 return StreamingResponse(
-                    self._held_stream(first, gen, spec, endpoint, started),
+                    self._held_stream(first, gen, spec, endpoint, started, ctx),
                     media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
                 )
             try:
                 status, media_type = first.result()
                 if media_type != "text/event-stream":
                     answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
-                    return Response(answer, status_code=status, media_type=media_type)
+                    return Response(answer, status_code=status, media_type=media_type, headers=ctx.headers)
             except asyncio.TimeoutError as e:
                 gen.cancel()
                 raise errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s") from e
@@ -251,18 +481,21 @@ class Gateway:
                 raise self._upstream_error(model, e) from e
             handed_off = True
             return StreamingResponse(
-                self._relay(gen, model, endpoint, started),
+                self._relay(gen, model, endpoint, started, ctx),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
             )
         except errors.OrchestratorError as e:
             status = e.status
+            e.headers = {**e.headers, **ctx.headers}
             raise
         finally:
             if not handed_off:
                 gauge.dec()
                 self.metrics.requests.labels(model, endpoint, str(status)).inc()
                 self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
+                ctx.status = status
+                self._finish(ctx)
 
     async def _call(self, spec: ModelSpec, endpoint: str, payload: dict[str, Any], key: str | None,
                     started: float) -> tuple[int, bytes]:
@@ -295,7 +528,8 @@ class Gateway:
         finally:
             hold.release()
 
-    async def _held_stream(self, first: asyncio.Future, gen, spec: ModelSpec, endpoint: str, started: float):
+    async def _held_stream(self, first: asyncio.Future, gen, spec: ModelSpec, endpoint: str, started: float,
+                           ctx: _RequestContext):
         """A stream waiting for a replica: SSE comments until it starts, then the stream."""
         model = spec.name
         relayed = False
@@ -330,7 +564,7 @@ class Gateway:
                 yield _error_event(failure)
                 return
             relayed = True
-            async for chunk in self._relay(gen, model, endpoint, started):
+            async for chunk in self._relay(gen, model, endpoint, started, ctx):
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -344,6 +578,8 @@ class Gateway:
                 self.metrics.in_flight.labels(model).dec()
                 self.metrics.requests.labels(model, endpoint, status).inc()
                 self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
+                ctx.status = status
+                self._finish(ctx)
 
     def _upstream_error(self, model: str, exc: BaseException) -> errors.OrchestratorError:
         if _is_replica_failure(exc):
@@ -352,7 +588,7 @@ class Gateway:
         log.error("model %s: upstream error: %r", model, exc)
         return errors.OrchestratorError("The server had an error while processing your request.")
 
-    async def _relay(self, gen, model: str, endpoint: str, started: float):
+    async def _relay(self, gen, model: str, endpoint: str, started: float, ctx: _RequestContext):
         """Pass the replica's SSE bytes through; on a mid-stream failure, end cleanly."""
         status = "200"
         first = True
@@ -361,6 +597,7 @@ class Gateway:
                 if first:
                     self.metrics.ttft.labels(model, endpoint).observe(time.perf_counter() - started)
                     first = False
+                ctx.note_usage(chunk)
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -374,6 +611,8 @@ class Gateway:
             self.metrics.in_flight.labels(model).dec()
             self.metrics.requests.labels(model, endpoint, status).inc()
             self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
+            ctx.status = int(status) if status.isdigit() else status
+            self._finish(ctx)
 
     # -- operations -------------------------------------------------------------------
 
@@ -532,7 +771,8 @@ class Gateway:
         return JSONResponse({"status": "ready"})
 
     @api.get("/fleet")
-    async def fleet_status(self) -> JSONResponse:
+    async def fleet_status(self, request: Request) -> JSONResponse:
+        self._authenticate(request, admin=True)
         return JSONResponse({"models": await self._model_views()})
 
     async def _engine_metrics(self) -> list[str]:
@@ -557,9 +797,10 @@ class Gateway:
         return list(await asyncio.gather(*(engine_text(m.name) for m in self.fleet.models)))
 
     @api.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        self._authenticate(request, admin=True)
         engine_texts = await self._engine_metrics()
         for view in await self._model_views(engine_texts):
             name = view["name"]

@@ -137,10 +137,6 @@ A JSON list of {name, gpus, gpuType, min, max}, sorted by name.
   value: /models/slm
 - name: HF_HOME
   value: /models/huggingface
-{{- if .Values.apiKeys.enabled }}
-- name: SLM_API_KEYS_FILE
-  value: /etc/slm/keys.yaml
-{{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
