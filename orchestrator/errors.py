@@ -108,6 +108,17 @@ class NoReadyReplica(OrchestratorError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class Overloaded(OrchestratorError):
+    """Admission control: the model's queue is past its bound; retry shortly."""
+
+    status = 503
+    type = "server_error"
+    code = "model_overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 2):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class UpstreamTimeout(OrchestratorError):
     status = 504
     type = "server_error"

@@ -15,6 +15,8 @@ Gateway-side (this module, one registry per gateway process):
 * ``slm_spec_decode_acceptance_rate{model}``: accepted / drafted tokens of speculative
   decoding over every replica's life, and ``slm_spec_decode_accepted_tokens_per_step{model}``:
   tokens a verification step yields (1 + accepted per draft), both from vLLM's counters;
+* ``slm_retries_total{model}``: non-streaming requests retried once after their replica died;
+* ``slm_admission_rejected_total{model}``: quick 503s while a model's queue is past its bound;
 * ``slm_router_picks_total{model,replica,policy}`` and ``slm_router_spills_total{model,policy}``
   (from ``orchestrator.routing``): where the request router sent each request.
 
@@ -68,6 +70,14 @@ class GatewayMetrics:
         )
         self.decisions = DecisionCounts()
         self.registry.register(self.decisions)
+        self.retries = Counter(
+            "slm_retries_total", "Non-streaming requests retried on another replica after theirs died.",
+            ["model"], registry=self.registry,
+        )
+        self.rejected = Counter(
+            "slm_admission_rejected_total", "Requests refused by admission control (queue past its bound).",
+            ["model"], registry=self.registry,
+        )
         self.spec_acceptance = Gauge(
             "slm_spec_decode_acceptance_rate", "Speculative decoding: accepted / drafted tokens.", ["model"],
             registry=self.registry,

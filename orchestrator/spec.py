@@ -231,6 +231,13 @@ class RequestLimits(_Strict):
     max_tokens: int | None = Field(None, ge=1, description="Most output tokens a request may ask for.")
     max_n: int | None = Field(None, ge=1, le=128, description="Most choices (`n`) per request.")
     max_messages: int | None = Field(None, ge=1, description="Most chat messages per request.")
+    max_queue_per_replica: int | None = Field(
+        None, ge=1,
+        description=(
+            "Admission control: while the model's queue (waiting + running requests) is at this many "
+            "per running replica, new requests get a quick 503 with Retry-After instead of piling up."
+        ),
+    )
 
 
 class ModelSpec(_Strict):

@@ -309,9 +309,11 @@ class ModelServer:
         try:
             result = await self._run(endpoint, payload)
             if self._is_error(result):
-                return self._error_result(result)
+                return self._engine_dead() or self._error_result(result)
             if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
                 if result.status_code != 200:
+                    if dead := self._engine_dead():
+                        return dead
                     status, error = errors.from_vllm_error(_error_field(bytes(result.body), result.status_code))
                     return status, json.dumps(error).encode()
                 return 200, openai_compat.clean_json_bytes(bytes(result.body))
@@ -323,10 +325,25 @@ class ModelServer:
         except errors.OrchestratorError as e:
             return _error_body(e)
         except Exception as e:  # noqa: BLE001 - never a traceback to the client
+            if dead := self._engine_dead():
+                return dead
             log.exception("model %s: request failed", self.spec.name)
             return _error_body(e)
         finally:
             self.load.in_flight -= 1
+
+    def _engine_dead(self) -> tuple[int, bytes] | None:
+        """When vLLM's engine process has died (its serving layer reports that as a generic
+        500), this replica can answer nothing again: it ends its own process at once. Its
+        callers then see the replica die, which Serve's routers act on immediately (no
+        request routed to it any more) and the gateway retries unanswered calls once on
+        another replica; Serve starts a replacement. Returns None while the engine is alive."""
+        engine = getattr(self, "engine", None)
+        if engine is None or not getattr(engine, "errored", False):
+            return None
+        log.error("model %s: the engine process died; ending this replica so Serve replaces it", self.spec.name)
+        logging.shutdown()
+        os._exit(70)
 
     async def stream(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None):
         """A streaming request: yields ``(status, media_type)`` first, then body bytes.
@@ -385,6 +402,7 @@ class ModelServer:
         actor = None
         while True:
             await asyncio.sleep(state.ENGINE_METRICS_PUSH_S)
+            self._engine_dead()  # an engine that died while idle: do not wait for the health check
             try:
                 if actor is None:
                     from ray import serve

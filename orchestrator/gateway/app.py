@@ -94,6 +94,16 @@ def _is_replica_failure(exc: BaseException) -> bool:
                             BackPressureError, DeploymentUnavailableError))
 
 
+def _is_replica_death(exc: BaseException) -> bool:
+    """The replica's process died or became unreachable: a request it had not answered
+    produced nothing, so it is safe to send once more to another replica."""
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
+
+
 def _error_event(exc: errors.OrchestratorError) -> bytes:
     """An error inside an SSE stream (the status line is already sent): OpenAI's envelope
     as a data event, then ``[DONE]``. The openai SDK raises it as an ``APIError``."""
@@ -395,6 +405,20 @@ class Gateway:
             stream = False
         return payload, spec, stream
 
+    async def _check_queue(self, spec: ModelSpec) -> None:
+        """Admission control: a quick 503 while the model's queue is past its bound, so the
+        requests already admitted keep a bounded latency."""
+        bound = spec.limits.max_queue_per_replica or self.fleet.gateway.limits.max_queue_per_replica
+        if bound is None:
+            return
+        snapshot = (await self._autoscaler_state()).get(spec.name) or {}
+        running = (await self._replica_states()).get(spec.name, {}).get("RUNNING", 0)
+        queue = snapshot.get("queue_depth", 0.0)
+        if running and queue >= bound * running:
+            self.metrics.rejected.labels(spec.name).inc()
+            raise errors.Overloaded(f"The model '{spec.name}' is at capacity ({queue:g} requests queued for "
+                                    f"{running} replicas, limit {bound} each); retry shortly")
+
     def _check_limits(self, spec: ModelSpec, payload: dict[str, Any]) -> None:
         """The model's request caps (falling back to gateway.limits): 400 naming the cap."""
         caps = self.fleet.gateway.limits
@@ -429,6 +453,7 @@ class Gateway:
             if self.audit is not None and self.audit.include_prompts:
                 ctx.body = payload
             await self._admit(ctx, payload)
+            await self._check_queue(spec)
         except errors.OrchestratorError as e:
             ctx.status = e.status
             self._finish(ctx)
@@ -499,19 +524,32 @@ class Gateway:
 
     async def _call(self, spec: ModelSpec, endpoint: str, payload: dict[str, Any], key: str | None,
                     started: float) -> tuple[int, bytes]:
-        """A non-streaming request, held while its model has no ready replica."""
-        response = self.handles[spec.name].call.remote(endpoint, payload, route_key=key)
-        task = asyncio.ensure_future(response)
-        try:
-            return await self._await_held(task, spec, started)
-        except errors.OrchestratorError:
-            raise
-        except Exception as e:
-            raise self._upstream_error(spec.name, e) from e
-        finally:
-            if not task.done():
-                task.cancel()
-                response.cancel()
+        """A non-streaming request, held while its model has no ready replica; retried once
+        on another replica if its replica dies before answering (nothing was sent yet, so the
+        client sees one answer). Serve's router drops a dead replica when a call to it fails."""
+        for attempt in (1, 2):
+            response = self.handles[spec.name].call.remote(endpoint, payload, route_key=key)
+            task = asyncio.ensure_future(response)
+            try:
+                status, answer = await self._await_held(task, spec, started)
+                if attempt == 1 and status == 503 and b'"engine_unavailable"' in answer:
+                    log.warning("model %s: engine dead before answering; retrying once", spec.name)
+                    self.metrics.retries.labels(spec.name).inc()
+                    continue
+                return status, answer
+            except errors.OrchestratorError:
+                raise
+            except Exception as e:
+                if attempt == 1 and _is_replica_death(e):
+                    log.warning("model %s: replica died before answering; retrying once: %r", spec.name, e)
+                    self.metrics.retries.labels(spec.name).inc()
+                    continue
+                raise self._upstream_error(spec.name, e) from e
+            finally:
+                if not task.done():
+                    task.cancel()
+                    response.cancel()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _await_held(self, task: asyncio.Future, spec: ModelSpec, started: float):
         """``task``'s result; 503 once cold_start_timeout_s passes with no ready replica, 504

@@ -1,11 +1,15 @@
-"""Gateway security end to end: API keys, per-model access, rate limits shared by two
-gateway replicas, request caps, request ids and the audit log. Real Ray Serve, real vLLM
-(CPU) serving the tiny model, the official `openai` client and raw HTTP."""
+"""Gateway security and fault tolerance end to end: API keys, per-model access, rate limits
+shared by two gateway replicas, request caps, request ids and the audit log; admission
+control; a model replica killed under load. Real Ray Serve, real vLLM (CPU) serving the
+tiny model, the official `openai` client and raw HTTP."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
+import signal
+import subprocess
 import time
 
 import httpx
@@ -15,7 +19,7 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-OPEN, SECRET = "tiny", "tiny-secret"
+OPEN, SECRET, BUSY, PAIR = "tiny", "tiny-secret", "tiny-busy", "tiny-pair"
 TEAM_KEY = "sk-team-a-0123456789abcdef"
 OPS_KEY = "sk-ops-0123456789abcdefgh"
 LIMITED_KEY = "sk-limited-0123456789abcd"
@@ -39,6 +43,10 @@ def secure_stack(tmp_path_factory, tiny_model):
             {"name": OPEN, "source": str(tiny_model), "engine": engine,
              "limits": {"max_tokens": 64, "max_n": 2, "max_messages": 4}},
             {"name": SECRET, "source": str(tiny_model), "engine": engine},
+            {"name": BUSY, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
+             "limits": {"max_queue_per_replica": 2}},
+            {"name": PAIR, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
+             "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
         ],
         "gateway": {"replicas": 2, "auth": {"keys_file": str(d / "keys.yaml")}, "max_body_bytes": 65536,
                     "audit": {"enabled": True, "path": str(d / "audit.jsonl")}},
@@ -81,7 +89,7 @@ def test_a_key_sees_and_uses_only_its_models(secure_stack):
     with pytest.raises(openai.NotFoundError):
         team.models.retrieve(SECRET)
     ops = client(secure_stack, OPS_KEY)
-    assert {m.id for m in ops.models.list().data} == {OPEN, SECRET}
+    assert {m.id for m in ops.models.list().data} == {OPEN, SECRET, BUSY, PAIR}
 
 
 def test_fleet_and_metrics_need_an_admin_key(http):
@@ -158,3 +166,149 @@ def test_request_ids_are_returned_and_audited_without_prompts(secure_stack, http
     text = secure_stack.audit_path.read_text() + secure_stack.log_path.read_text(errors="replace")
     assert "secret prompt text" not in text
     assert TEAM_KEY not in text and OPS_KEY not in text  # keys are never logged
+
+
+def _ops_view(http, model):
+    models = http.get("/fleet", headers={"Authorization": f"Bearer {OPS_KEY}"}).json()["models"]
+    return next(m for m in models if m["name"] == model)
+
+
+def _stream(url: str, model: str, max_tokens: int) -> dict:
+    """A raw SSE stream: whether it ended with [DONE], and whether an error event came."""
+    body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True}
+    out = {"done": False, "error": None, "chunks": 0}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {OPS_KEY}"}) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                out["done"] = True
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    out["error"] = event["error"]
+                else:
+                    out["chunks"] += 1
+    return out
+
+
+def test_admission_control_refuses_quickly_when_the_queue_is_full(secure_stack, http):
+    with cf.ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(_stream, secure_stack.url, BUSY, 2500) for _ in range(6)]
+        deadline = time.monotonic() + 30
+        while _ops_view(http, BUSY)["queue_depth"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        started = time.monotonic()
+        r = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {OPS_KEY}"},
+                      json={"model": BUSY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+        took = time.monotonic() - started
+        results = [f.result() for f in streams]
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "model_overloaded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert took < 2, f"the refusal took {took:.1f}s"
+    assert all(x["done"] and x["error"] is None for x in results), "admitted requests all finished"
+
+
+def _processes() -> list[tuple[int, int, str]]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            rows.append((int(parts[0]), int(parts[1]), parts[2]))
+    return rows
+
+
+def _replica_pids(deployment: str) -> list[int]:
+    """The replica actors' processes (not their engine subprocesses, which may share the title)."""
+    rows = _processes()
+    titled = {pid for pid, _, args in rows if f"ServeReplica:slm:{deployment}" in args and "EngineCore" not in args}
+    return sorted(pid for pid, ppid, _ in rows if pid in titled and ppid not in titled)
+
+
+def test_killing_a_replica_under_load_loses_no_request(secure_stack, http):
+    pids = _replica_pids("model-tiny-pair")
+    assert len(pids) == 2, pids
+    ops = client(secure_stack, OPS_KEY)
+
+    def call(i):
+        try:
+            reply = ops.chat.completions.create(model=PAIR, messages=[{"role": "user", "content": f"q{i}"}],
+                                                max_tokens=2000, extra_body={"ignore_eos": True})
+            return reply.usage.completion_tokens
+        except openai.APIError as e:
+            return e
+
+    with cf.ThreadPoolExecutor(10) as pool:
+        calls = [pool.submit(call, i) for i in range(6)]
+        streams = [pool.submit(_stream, secure_stack.url, PAIR, 2000) for _ in range(4)]
+        time.sleep(3)
+        os.kill(pids[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        answers = [f.result() for f in calls]
+        ended = [f.result() for f in streams]
+    lost = [a for a in answers if a != 2000]
+    assert lost == [], f"non-streaming requests lost: {lost}"
+    unterminated = [s for s in ended if not s["done"]]
+    assert unterminated == [], f"streams cut without a terminal event: {unterminated}"
+    broken = [s for s in ended if s["error"]]
+    for s in broken:
+        assert s["error"]["code"] == "model_not_ready"  # a final error event, then [DONE]
+    metrics = http.get("/metrics", headers={"Authorization": f"Bearer {OPS_KEY}"}).text
+    deadline = time.monotonic() + 300
+    while _ops_view(http, PAIR)["replicas"]["running"] < 2 or _replica_pids("model-tiny-pair") == pids[1:]:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(2)
+    replaced = time.monotonic() - killed_at
+    print(f"killed replica: {len(broken)} of 4 streams ended with an error event, "
+          f"{6 - len(lost)} of 6 calls answered (retries: {'slm_retries_total' in metrics}), "
+          f"replacement running after {replaced:.0f}s")
+
+
+def _engine_pid(replica_pid: int) -> int | None:
+    """The vLLM EngineCore process under a replica (a child or a grandchild)."""
+    rows = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in rows:
+        children.setdefault(ppid, []).append(pid)
+    args = {pid: a for pid, _, a in rows}
+    todo, seen = list(children.get(replica_pid, [])), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if "EngineCore" in args.get(pid, ""):
+            return pid
+        todo.extend(children.get(pid, []))
+    return None
+
+
+def test_a_dead_engine_is_retried_elsewhere_and_its_replica_replaced(secure_stack, http):
+    pids = _replica_pids("model-tiny-pair")
+    assert len(pids) == 2, pids
+    engine = _engine_pid(pids[0])
+    assert engine is not None, "no EngineCore process under the replica"
+    ops = client(secure_stack, OPS_KEY)
+
+    def call(i):
+        try:
+            return ops.chat.completions.create(model=PAIR, messages=[{"role": "user", "content": f"e{i}"}],
+                                               max_tokens=1500, extra_body={"ignore_eos": True}).usage.completion_tokens
+        except openai.APIError as e:
+            return e
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        calls = [pool.submit(call, i) for i in range(6)]
+        time.sleep(3)
+        os.kill(engine, signal.SIGKILL)
+        killed_at = time.monotonic()
+        answers = [f.result() for f in calls]
+    assert [a for a in answers if a != 1500] == [], f"requests lost when an engine died: {answers}"
+    deadline = time.monotonic() + 300
+    while pids[0] in _replica_pids("model-tiny-pair") or _ops_view(http, PAIR)["replicas"]["running"] < 2:
+        assert time.monotonic() < deadline, "the replica with a dead engine was not replaced"
+        time.sleep(2)
+    print(f"dead engine: replica replaced after {time.monotonic() - killed_at:.0f}s")

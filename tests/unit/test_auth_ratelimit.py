@@ -126,3 +126,20 @@ def test_a_refused_request_takes_nothing():
 @pytest.mark.parametrize("seconds, text", [(0.25, "0.25s"), (1, "1s"), (59.2, "60s"), (90, "1m30s"), (360, "6m0s")])
 def test_reset_format(seconds, text):
     assert _reset(seconds) == text
+
+
+def test_token_estimate_and_usage_sniffing():
+    from orchestrator.gateway.app import DEFAULT_RESERVED_OUTPUT_TOKENS, _estimate_tokens, _RequestContext
+
+    chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
+    assert 100 <= _estimate_tokens(chat) - 50 <= 130
+    assert _estimate_tokens({"prompt": "abcd" * 10}) == 11 + DEFAULT_RESERVED_OUTPUT_TOKENS
+    assert _estimate_tokens({"input": "abcd" * 10}) == 11  # embeddings produce no tokens
+    ctx = _RequestContext("id", False, "chat", 0.0)
+    ctx.note_usage(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n')
+    assert ctx.usage is None
+    ctx.note_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, '
+                   b'"total_tokens": 7}}\n\ndata: [DONE]\n\n')
+    assert ctx.usage == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    ctx.note_usage(b'{"id": "x", "usage": {"prompt_tokens": 1, "total_tokens": 9}}')
+    assert ctx.usage["total_tokens"] == 9
