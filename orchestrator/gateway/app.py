@@ -248,6 +248,7 @@ class Gateway:
         self.audit = AuditLog(audit.path, audit.include_prompts) if audit.enabled else None
         self._limiter = None
         self._replica = _replica_id()
+        self._refreshing = False
         self._ensure_state_actor()
 
     # -- keys, limits, audit --------------------------------------------------------
@@ -411,13 +412,27 @@ class Gateway:
         bound = spec.limits.max_queue_per_replica or self.fleet.gateway.limits.max_queue_per_replica
         if bound is None:
             return
-        snapshot = (await self._autoscaler_state()).get(spec.name) or {}
-        running = (await self._replica_states()).get(spec.name, {}).get("RUNNING", 0)
+        # Never wait on the control plane here: use the last cached views (at most a few
+        # seconds old) and refresh them in the background when they are stale.
+        now = time.monotonic()
+        if self._state_cache is None or self._status_cache is None:
+            await asyncio.gather(self._autoscaler_state(), self._replica_states())
+        elif now - min(self._state_cache[0], self._status_cache[0]) > _STATUS_CACHE_S and not self._refreshing:
+            self._refreshing = True
+            task = asyncio.ensure_future(asyncio.gather(self._autoscaler_state(), self._replica_states()))
+            task.add_done_callback(self._refreshed)
+        snapshot = self._state_cache[1].get(spec.name) or {}
+        running = self._status_cache[1].get(spec.name, {}).get("RUNNING", 0)
         queue = snapshot.get("queue_depth", 0.0)
         if running and queue >= bound * running:
             self.metrics.rejected.labels(spec.name).inc()
             raise errors.Overloaded(f"The model '{spec.name}' is at capacity ({queue:g} requests queued for "
                                     f"{running} replicas, limit {bound} each); retry shortly")
+
+    def _refreshed(self, task: asyncio.Future) -> None:
+        self._refreshing = False
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("fleet status refresh failed: %r", task.exception())
 
     def _check_limits(self, spec: ModelSpec, payload: dict[str, Any]) -> None:
         """The model's request caps (falling back to gateway.limits): 400 naming the cap."""

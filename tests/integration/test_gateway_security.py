@@ -178,6 +178,7 @@ def _stream(url: str, model: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True}
     out = {"done": False, "error": None, "chunks": 0}
+    started = time.monotonic()
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600,
                       headers={"Authorization": f"Bearer {OPS_KEY}"}) as r:
         out["status"] = r.status_code
@@ -190,6 +191,7 @@ def _stream(url: str, model: str, max_tokens: int) -> dict:
                     out["error"] = event["error"]
                 else:
                     out["chunks"] += 1
+    out["elapsed"] = time.monotonic() - started
     return out
 
 
@@ -207,8 +209,14 @@ def test_admission_control_refuses_quickly_when_the_queue_is_full(secure_stack, 
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "model_overloaded"
     assert int(r.headers["retry-after"]) >= 1
-    assert took < 2, f"the refusal took {took:.1f}s"
-    assert all(x["done"] and x["error"] is None for x in results), "admitted requests all finished"
+    # Streams that arrived once the queue was full were refused too; every admitted one finished.
+    admitted = [x for x in results if x["status"] == 200]
+    assert admitted and all(x["done"] and x["error"] is None for x in admitted), results
+    assert all(x["status"] == 503 for x in results if x["status"] != 200), results
+    # Quick: an immediate answer, next to the admitted requests' seconds of work.
+    slowest = max(x["elapsed"] for x in admitted)
+    assert took < 5 and took < slowest / 2, f"the refusal took {took:.1f}s (admitted streams: {slowest:.1f}s)"
+    print(f"admission control: refused in {took * 1000:.0f} ms while admitted streams took up to {slowest:.1f}s")
 
 
 def _processes() -> list[tuple[int, int, str]]:
