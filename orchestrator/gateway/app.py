@@ -248,7 +248,7 @@ class Gateway:
         self.audit = AuditLog(audit.path, audit.include_prompts) if audit.enabled else None
         self._limiter = None
         self._replica = _replica_id()
-        self._refreshing = False
+        self._refresher: asyncio.Future | None = None
         self._ensure_state_actor()
 
     # -- keys, limits, audit --------------------------------------------------------
@@ -343,7 +343,8 @@ class Gateway:
     async def list_models(self, request: Request) -> JSONResponse:
         key = self._authenticate(request)
         data = [
-            {"id": m.name, "object": "model", "created": self._created, "owned_by": "slm-orchestrator"}
+            {"id": m.name, "object": "model", "created": self._created, "owned_by": "slm-orchestrator",
+             "task": m.task}
             for m in self.fleet.models if key is None or key.allows(m.name)
         ]
         return JSONResponse({"object": "list", "data": data})
@@ -354,7 +355,7 @@ class Gateway:
         if self.fleet.model(model) is None or (key is not None and not key.allows(model)):
             raise errors.UnknownModel(model)
         return JSONResponse({"id": model, "object": "model", "created": self._created,
-                             "owned_by": "slm-orchestrator"})
+                             "owned_by": "slm-orchestrator", "task": self.fleet.model(model).task})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -383,6 +384,9 @@ class Gateway:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise errors.InvalidRequest(f"We could not parse the JSON body of your request: {e}") from e
+        except RecursionError as e:
+            raise errors.InvalidRequest("We could not parse the JSON body of your request: it is nested too "
+                                        "deeply") from e
         if not isinstance(payload, dict):
             raise errors.InvalidRequest("The request body must be a JSON object")
         model = payload.get("model")
@@ -412,15 +416,13 @@ class Gateway:
         bound = spec.limits.max_queue_per_replica or self.fleet.gateway.limits.max_queue_per_replica
         if bound is None:
             return
-        # Never wait on the control plane here: use the last cached views (at most a few
-        # seconds old) and refresh them in the background when they are stale.
-        now = time.monotonic()
+        # Never wait on the control plane here: read the views a background task of this
+        # gateway replica refreshes every _STATUS_CACHE_S (so they are at most ~1 s old, also
+        # on a replica that has been idle), fetching them inline only on the very first call.
         if self._state_cache is None or self._status_cache is None:
             await asyncio.gather(self._autoscaler_state(), self._replica_states())
-        elif now - min(self._state_cache[0], self._status_cache[0]) > _STATUS_CACHE_S and not self._refreshing:
-            self._refreshing = True
-            task = asyncio.ensure_future(asyncio.gather(self._autoscaler_state(), self._replica_states()))
-            task.add_done_callback(self._refreshed)
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.ensure_future(self._refresh_views())
         snapshot = self._state_cache[1].get(spec.name) or {}
         running = self._status_cache[1].get(spec.name, {}).get("RUNNING", 0)
         queue = snapshot.get("queue_depth", 0.0)
@@ -429,10 +431,14 @@ class Gateway:
             raise errors.Overloaded(f"The model '{spec.name}' is at capacity ({queue:g} requests queued for "
                                     f"{running} replicas, limit {bound} each); retry shortly")
 
-    def _refreshed(self, task: asyncio.Future) -> None:
-        self._refreshing = False
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("fleet status refresh failed: %r", task.exception())
+    async def _refresh_views(self) -> None:
+        """Keep the cached fleet views fresh for admission control (runs for the replica's life)."""
+        while True:
+            await asyncio.sleep(_STATUS_CACHE_S)
+            try:
+                await asyncio.gather(self._autoscaler_state(max_age=0), self._replica_states(max_age=0))
+            except Exception as e:  # noqa: BLE001 - keep the last views and try again
+                log.warning("fleet status refresh failed: %r", e)
 
     def _check_limits(self, spec: ModelSpec, payload: dict[str, Any]) -> None:
         """The model's request caps (falling back to gateway.limits): 400 naming the cap."""
@@ -445,6 +451,10 @@ class Gateway:
 
         asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
         limit = cap("max_tokens")
+        if limit is not None and asked is None and spec.task == "generate":
+            # No max_tokens asked: the cap is the default, not the whole context window.
+            payload["max_tokens"] = limit
+            payload.pop("max_completion_tokens", None)
         if limit is not None and isinstance(asked, int) and asked > limit:
             param = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
             raise errors.InvalidRequest(f"{param} {asked} is over this model's limit of {limit} (limits.max_tokens)",
@@ -673,10 +683,10 @@ class Gateway:
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def _replica_states(self) -> dict[str, dict[str, int]]:
+    async def _replica_states(self, max_age: float = _STATUS_CACHE_S) -> dict[str, dict[str, int]]:
         """Replica counts by state per model, from Serve's controller (cached briefly)."""
         now = time.monotonic()
-        if self._status_cache and now - self._status_cache[0] < _STATUS_CACHE_S:
+        if self._status_cache and now - self._status_cache[0] < max_age:
             return self._status_cache[1]
         from ray import serve
 
@@ -709,10 +719,10 @@ class Gateway:
                 log.warning("fleet state actor unavailable: %r", e)
         return self._state_actor
 
-    async def _autoscaler_state(self) -> dict[str, dict[str, Any]]:
+    async def _autoscaler_state(self, max_age: float = _STATUS_CACHE_S) -> dict[str, dict[str, Any]]:
         """What each model's autoscaling policy last published (cached briefly)."""
         now = time.monotonic()
-        if self._state_cache and now - self._state_cache[0] < _STATUS_CACHE_S:
+        if self._state_cache and now - self._state_cache[0] < max_age:
             return self._state_cache[1]
         snapshot: dict[str, dict[str, Any]] = {}
         actor = self._ensure_state_actor()

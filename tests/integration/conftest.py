@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,24 @@ def run_stack(log_dir: Path, fleet: Path | dict | None = None, env_extra: dict[s
     except StackError as e:
         pytest.fail(str(e))
     assert stack.returncode == 0, f"slm serve did not shut down cleanly:\n{stack.log_tail()}"
+
+
+def processes() -> list[tuple[int, int, str]]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            rows.append((int(parts[0]), int(parts[1]), parts[2]))
+    return rows
+
+
+def replica_pids(deployment: str) -> list[int]:
+    """The processes of a Serve deployment's replica actors (not their engine subprocesses,
+    which may share the title); deployment "" gives every replica of the app."""
+    rows = processes()
+    titled = {pid for pid, _, args in rows if f"ServeReplica:slm:{deployment}" in args and "EngineCore" not in args}
+    return sorted(pid for pid, ppid, _ in rows if pid in titled and ppid not in titled)
 
 
 @pytest.fixture(scope="module")

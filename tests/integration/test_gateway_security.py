@@ -9,13 +9,13 @@ import concurrent.futures as cf
 import json
 import os
 import signal
-import subprocess
 import time
 
 import httpx
 import openai
 import pytest
 import yaml
+from conftest import processes, replica_pids, run_stack
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,6 @@ RPM = 6
 
 @pytest.fixture(scope="module")
 def secure_stack(tmp_path_factory, tiny_model):
-    from conftest import run_stack
 
     d = tmp_path_factory.mktemp("security")
     keys = {"keys": [
@@ -136,6 +135,10 @@ def test_request_caps_name_the_limit(secure_stack, http):
     with pytest.raises(openai.BadRequestError, match=r"5 messages are over this model's limit of 4"):
         team.chat.completions.create(model=OPEN, max_tokens=2,
                                      messages=[{"role": "user", "content": str(i)} for i in range(5)])
+    # Without max_tokens the cap is the default: the answer stops at 64 tokens, not at the context.
+    capped = team.chat.completions.create(model=OPEN, messages=[{"role": "user", "content": "go"}],
+                                          extra_body={"ignore_eos": True})
+    assert capped.usage.completion_tokens == 64 and capped.choices[0].finish_reason == "length"
     r = http.post("/v1/chat/completions", content=b'{"model": "tiny", "x": "' + b"a" * 70000 + b'"}',
                   headers={"Authorization": f"Bearer {TEAM_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413
@@ -201,6 +204,8 @@ def test_admission_control_refuses_quickly_when_the_queue_is_full(secure_stack, 
         deadline = time.monotonic() + 30
         while _ops_view(http, BUSY)["queue_depth"] < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
+        # Each gateway replica's admission view is refreshed every second: let both catch up.
+        time.sleep(2.5)
         started = time.monotonic()
         r = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {OPS_KEY}"},
                       json={"model": BUSY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
@@ -219,25 +224,8 @@ def test_admission_control_refuses_quickly_when_the_queue_is_full(secure_stack, 
     print(f"admission control: refused in {took * 1000:.0f} ms while admitted streams took up to {slowest:.1f}s")
 
 
-def _processes() -> list[tuple[int, int, str]]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    rows = []
-    for line in out.splitlines()[1:]:
-        parts = line.split(None, 2)
-        if len(parts) == 3:
-            rows.append((int(parts[0]), int(parts[1]), parts[2]))
-    return rows
-
-
-def _replica_pids(deployment: str) -> list[int]:
-    """The replica actors' processes (not their engine subprocesses, which may share the title)."""
-    rows = _processes()
-    titled = {pid for pid, _, args in rows if f"ServeReplica:slm:{deployment}" in args and "EngineCore" not in args}
-    return sorted(pid for pid, ppid, _ in rows if pid in titled and ppid not in titled)
-
-
 def test_killing_a_replica_under_load_loses_no_request(secure_stack, http):
-    pids = _replica_pids("model-tiny-pair")
+    pids = replica_pids("model-tiny-pair")
     assert len(pids) == 2, pids
     ops = client(secure_stack, OPS_KEY)
 
@@ -266,7 +254,7 @@ def test_killing_a_replica_under_load_loses_no_request(secure_stack, http):
         assert s["error"]["code"] == "model_not_ready"  # a final error event, then [DONE]
     metrics = http.get("/metrics", headers={"Authorization": f"Bearer {OPS_KEY}"}).text
     deadline = time.monotonic() + 300
-    while _ops_view(http, PAIR)["replicas"]["running"] < 2 or _replica_pids("model-tiny-pair") == pids[1:]:
+    while _ops_view(http, PAIR)["replicas"]["running"] < 2 or replica_pids("model-tiny-pair") == pids[1:]:
         assert time.monotonic() < deadline, "the killed replica was not replaced"
         time.sleep(2)
     replaced = time.monotonic() - killed_at
@@ -277,7 +265,7 @@ def test_killing_a_replica_under_load_loses_no_request(secure_stack, http):
 
 def _engine_pid(replica_pid: int) -> int | None:
     """The vLLM EngineCore process under a replica (a child or a grandchild)."""
-    rows = _processes()
+    rows = processes()
     children: dict[int, list[int]] = {}
     for pid, ppid, _ in rows:
         children.setdefault(ppid, []).append(pid)
@@ -295,7 +283,7 @@ def _engine_pid(replica_pid: int) -> int | None:
 
 
 def test_a_dead_engine_is_retried_elsewhere_and_its_replica_replaced(secure_stack, http):
-    pids = _replica_pids("model-tiny-pair")
+    pids = replica_pids("model-tiny-pair")
     assert len(pids) == 2, pids
     engine = _engine_pid(pids[0])
     assert engine is not None, "no EngineCore process under the replica"
@@ -316,7 +304,7 @@ def test_a_dead_engine_is_retried_elsewhere_and_its_replica_replaced(secure_stac
         answers = [f.result() for f in calls]
     assert [a for a in answers if a != 1500] == [], f"requests lost when an engine died: {answers}"
     deadline = time.monotonic() + 300
-    while pids[0] in _replica_pids("model-tiny-pair") or _ops_view(http, PAIR)["replicas"]["running"] < 2:
+    while pids[0] in replica_pids("model-tiny-pair") or _ops_view(http, PAIR)["replicas"]["running"] < 2:
         assert time.monotonic() < deadline, "the replica with a dead engine was not replaced"
         time.sleep(2)
     print(f"dead engine: replica replaced after {time.monotonic() - killed_at:.0f}s")
