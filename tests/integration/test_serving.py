@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from openai_schema import check, check_error
 from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -321,3 +325,22 @@ def test_slm_status_unreachable_gateway():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "cannot reach the gateway" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_locust_smoke_run_against_the_demo_stack(stack, tmp_path):
+    """`make test`'s short headless Locust run (loadtests/locustfile.py): every task kind against
+    the demo fleet, an SLO gate that passes, and the LLM entries in the CSV stats."""
+    prefix = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless", "--only-summary",
+           "-H", stack.url, "-u", "4", "-r", "4", "-t", "25s", "--max-tokens", "16", "--csv", str(prefix),
+           "--slo-fail-ratio", "0", "--slo-ttft-p95-ms", "20000"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "SLO fail_ratio: 0.0000 <= 0 OK" in out.stdout, out.stdout
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+    for kind, name in [("LLM", f"TTFT {CHAT}"), ("LLM", f"TPOT {CHAT}"), ("LLM", f"tokens/s {CHAT}"),
+                       ("POST", f"/v1/chat/completions [stream] {CHAT}"), ("POST", f"/v1/embeddings {EMBED}")]:
+        row = rows[(kind, name)]
+        assert int(row["Request Count"]) > 0 and int(row["Failure Count"]) == 0, (name, row)
+    assert float(rows[("LLM", f"TTFT {CHAT}")]["Median Response Time"]) > 0
