@@ -12,8 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def serve(fleet: dict, workdir: Path, startup_timeout_s: float = 1200):
-    """Yield the gateway URL of a running stack for ``fleet`` (a dict as in fleet.yaml)."""
+def serve(fleet: dict, workdir: Path, startup_timeout_s: float = 1200, command_prefix: list[str] | None = None):
+    """Yield the gateway URL of a running stack for ``fleet`` (a dict as in fleet.yaml).
+
+    ``command_prefix``: see ``serve_stack`` (e.g. ``["taskset", "-c", "0"]``)."""
     from orchestrator.devtools.stack import StackError, serve_stack
 
     last = [0.0]
@@ -24,7 +26,8 @@ def serve(fleet: dict, workdir: Path, startup_timeout_s: float = 1200):
             print(f"[bench] waiting for the stack ({waited:.0f}s)", file=sys.stderr, flush=True)
 
     try:
-        with serve_stack(fleet, workdir, startup_timeout_s=startup_timeout_s, on_wait=progress) as stack:
+        with serve_stack(fleet, workdir, startup_timeout_s=startup_timeout_s, on_wait=progress,
+                         command_prefix=command_prefix) as stack:
             yield stack.url
     except StackError as e:
         raise SystemExit(f"{e}\n(full log: {workdir / 'slm-serve.log'})") from None

@@ -57,9 +57,12 @@ def serve_stack(
     env_extra: dict[str, str] | None = None,
     startup_timeout_s: float = 900,
     on_wait: Callable[[float], None] | None = None,
+    command_prefix: list[str] | None = None,
 ) -> Iterator[Stack]:
     """A ready stack for ``fleet`` (a dict as in fleet.yaml, a file, or None for the demo).
 
+    ``command_prefix`` goes before the ``slm serve`` command; it must exec it (so signals
+    reach it), e.g. ``["taskset", "-c", "0"]`` pins the whole stack, Ray included, to core 0.
     Its output goes to ``workdir/slm-serve.log``. On exit it gets SIGINT (what Ctrl-C
     sends), up to 120 s to stop, then SIGKILL; ``stack.returncode`` holds its exit code."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,8 @@ def serve_stack(
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "orchestrator.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [*(command_prefix or []), sys.executable, "-m", "orchestrator.cli", "serve",
+           "--host", "127.0.0.1", "--port", str(port)]
     if fleet is not None:
         cmd += ["-f", str(fleet)]
     log_path = workdir / "slm-serve.log"
