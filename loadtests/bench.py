@@ -154,9 +154,10 @@ def _ms(seconds: float | None) -> float | None:
 def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]:
     """One level's metrics: throughput over the level's wall time, latencies over its requests.
 
-    Tokens count every content chunk received, also from requests that failed later."""
+    Tokens are each request's ``usage.completion_tokens`` (a server may put two tokens in one
+    chunk), else its content chunks, also from requests that failed later."""
     ok = [r for r in records if r.error is None]
-    tokens = sum(r.tokens for r in records)
+    tokens = sum(r.tokens if r.usage_tokens is None else r.usage_tokens for r in records)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     itls = [x for r in ok for x in r.itls]
     errors = list(dict.fromkeys(r.error for r in records if r.error is not None))
@@ -447,7 +448,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- Workload: streaming chat completions, prompts of {s['prompt_words']} random words, "
         f"{s['max_tokens']} output tokens (ignore_eos, temperature 0), closed loop; per level "
         f"{s['warmup']} warm-up then {s['requests_per_level']} measured requests; "
-        f"medians over {s['rounds']} round(s), targets alternating",
+        f"medians over {s['rounds']} round(s), targets alternating"
+        + (f"; slm stack environment: {', '.join(f'{k}={v}' for k, v in s['slm_env'].items())}"
+           if s.get("slm_env") else ""),
         f"- Pinning: {pin}. Both servers stay up all run. CPU columns, as shares of one core during a "
         f"measurement: \"server CPU\" the measured server's processes, \"idle other\" the other (idle) "
         f"server's, \"rest of core\" anything else on the servers' core (other processes, the kernel; "
@@ -664,7 +667,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench-work"), help="model and server logs")
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--level-timeout", type=float, default=1800)
+    parser.add_argument("--slm-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of the slm stack (repeatable), e.g. a Ray Serve option to compare")
     args = parser.parse_args(argv)
+    slm_env = {}
+    for item in args.slm_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--slm-env: KEY=VALUE, not {item!r}")
+        slm_env[key] = value
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
     except ValueError:
@@ -704,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as servers:
         say("starting vLLM's server and the slm stack (a minute or two)")
         vllm = servers.enter_context(vllm_server(model_dir, args.workdir.resolve(), server_prefix))
-        gateway_url = servers.enter_context(serve(fleet, args.workdir.resolve() / "slm", command_prefix=server_prefix))
+        gateway_url = servers.enter_context(serve(fleet, args.workdir.resolve() / "slm", command_prefix=server_prefix,
+                                                      env_extra=slm_env))
         wait_ready(vllm, args.startup_timeout)
         gateway_pid = find_slm_serve(int(gateway_url.rsplit(":", 1)[1]))
         if gateway_pid is None:
@@ -757,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                      "requests_per_level": args.requests_per_level or "max(16, 8 x concurrency)",
                      "warmup": args.warmup if args.warmup is not None else "max(2, concurrency)",
                      "max_tokens": args.max_tokens, "prompt_words": args.prompt_words, "seed": args.seed,
-                     "pin": args.pin},
+                     "pin": args.pin, "slm_env": slm_env},
         "pinning": pinning,
         "rounds": rounds,
         "summary": summary,

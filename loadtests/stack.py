@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def serve(fleet: dict, workdir: Path, startup_timeout_s: float = 1200, command_prefix: list[str] | None = None):
+def serve(fleet: dict, workdir: Path, startup_timeout_s: float = 1200, command_prefix: list[str] | None = None,
+          env_extra: dict[str, str] | None = None):
     """Yield the gateway URL of a running stack for ``fleet`` (a dict as in fleet.yaml).
 
     ``command_prefix``: see ``serve_stack`` (e.g. ``["taskset", "-c", "0"]``)."""
@@ -23,11 +24,11 @@ def serve(fleet: dict, workdir: Path, startup_timeout_s: float = 1200, command_p
     def progress(waited: float) -> None:
         if waited - last[0] >= 10:
             last[0] = waited
-            print(f"[bench] waiting for the stack ({waited:.0f}s)", file=sys.stderr, flush=True)
+            print(f"[loadtests] waiting for the stack ({waited:.0f}s)", file=sys.stderr, flush=True)
 
     try:
         with serve_stack(fleet, workdir, startup_timeout_s=startup_timeout_s, on_wait=progress,
-                         command_prefix=command_prefix) as stack:
+                         command_prefix=command_prefix, env_extra=env_extra) as stack:
             yield stack.url
     except StackError as e:
         raise SystemExit(f"{e}\n(full log: {workdir / 'slm-serve.log'})") from None

@@ -84,11 +84,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _say(f"fleet {origin}: {', '.join(m.name for m in fleet.models)}")
     _resolve_sources(fleet, origin)
 
-    from orchestrator.k8s.render import HTTP_KEEP_ALIVE_S
+    from orchestrator.k8s.render import HTTP_KEEP_ALIVE_S, SERVE_FAST_PATH_ENV
 
     # Longer than clients' idle keep-alive, so a reused connection is never cut by the proxy
     # (the RayService's serveConfigV2 sets the same in http_options).
     os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", str(HTTP_KEEP_ALIVE_S))
+    # Before Ray starts, so every Ray process sees them; an explicit value (e.g. "0") wins.
+    for key, value in SERVE_FAST_PATH_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
     from ray import serve
     from ray.serve.api import RunTarget

@@ -26,7 +26,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orchestrator import errors, metrics, sources
+from orchestrator import console_logging, errors, metrics, sources
 from orchestrator.engine import openai_compat, speculative
 from orchestrator.engine.args import accelerator, build_vllm_args
 from orchestrator.spec import ModelSpec
@@ -155,7 +155,7 @@ class ModelServer:
 
     async def __init__(self, model: dict[str, Any]):
         self.spec = ModelSpec.model_validate(model)
-        logging.basicConfig(level=logging.INFO)
+        console_logging()
         path, revision = await asyncio.to_thread(sources.resolve, self.spec.source)
         draft = await asyncio.to_thread(speculative.resolve_draft, self.spec, path)
         engine_args, frontend_args, choices = build_vllm_args(self.spec, path, revision, draft)

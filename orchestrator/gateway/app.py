@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import errors, routing
+from orchestrator import console_logging, errors, routing
 from orchestrator.gateway import auth as keys
 from orchestrator.gateway import ratelimit
 from orchestrator.gateway.audit import AuditLog
@@ -226,6 +226,7 @@ class Gateway:
     """The ingress deployment. ``handles`` maps model name to its deployment's handle."""
 
     def __init__(self, fleet: dict[str, Any], handles: dict[str, Any], deployment_names: dict[str, str]):
+        console_logging()
         self.fleet = FleetSpec.model_validate(fleet)
         self.handles = handles
         self.stream_handles = {name: h.options(stream=True) for name, h in handles.items()}

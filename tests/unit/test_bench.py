@@ -81,8 +81,8 @@ def test_summarize_from_synthetic_timings():
                _record(1.0, 0.05, 0.01, 5, error="HTTP 503: busy")]
     s = bench.summarize(records, wall_s=2.0)
     assert (s["requests"], s["ok"], s["errors"]) == (4, 3, 1)
-    assert s["output_tokens"] == 38  # content chunks, the failed request's included
-    assert s["output_tokens_per_s"] == 19.0 and s["requests_per_s"] == 1.5
+    assert s["output_tokens"] == 39  # usage where sent (12), else content chunks; the failed request included
+    assert s["output_tokens_per_s"] == 19.5 and s["requests_per_s"] == 1.5
     assert s["ttft_p50_ms"] == pytest.approx(200) and s["ttft_p99_ms"] == pytest.approx(298)
     assert s["itl_p50_ms"] == pytest.approx(20) and s["itl_p99_ms"] == pytest.approx(40)
     assert s["chunk_usage_mismatches"] == 1 and s["usage_tokens"] == 11 + 11 + 12 + 5
