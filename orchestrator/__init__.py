@@ -13,7 +13,8 @@ def console_logging() -> None:
 
     logger = logging.getLogger("orchestrator")
     if not any(getattr(h, "_slm_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        # The process's real stderr: in that mode Serve swaps sys.stderr for a logger to its files.
+        handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
         handler._slm_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
