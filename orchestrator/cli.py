@@ -89,9 +89,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Longer than clients' idle keep-alive, so a reused connection is never cut by the proxy
     # (the RayService's serveConfigV2 sets the same in http_options).
     os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", str(HTTP_KEEP_ALIVE_S))
-    # Before Ray starts, so every Ray process sees them; an explicit value (e.g. "0") wins.
-    for key, value in SERVE_FAST_PATH_ENV.items():
-        os.environ.setdefault(key, value)
+    # Opt-in (SLM_SERVE_FAST_PATH=1): Ray Serve's fast path, set before Ray starts so every
+    # Ray process sees it; an explicit value of one of its variables wins.
+    if os.environ.get("SLM_SERVE_FAST_PATH") == "1":
+        for key, value in SERVE_FAST_PATH_ENV.items():
+            os.environ.setdefault(key, value)
     import ray
     from ray import serve
     from ray.serve.api import RunTarget

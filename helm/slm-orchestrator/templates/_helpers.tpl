@@ -137,13 +137,6 @@ A JSON list of {name, gpus, gpuType, min, max}, sorted by name.
   value: /models/slm
 - name: HF_HOME
   value: /models/huggingface
-{{- /* Ray Serve's fast path: HAProxy ingress straight to the gateway replicas (see orchestrator/k8s/render.py). */}}
-- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
-  value: "1"
-- name: RAY_SERVE_ENABLE_HA_PROXY
-  value: "1"
-- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
-  value: "0"
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
