@@ -206,7 +206,12 @@ def make_plan(fleet: FleetSpec, nodes: list[Node], kv_seqs: int = 16, max_util: 
             placed_count, gpu_type = best
             biggest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpu_memory_gb)
             need, room = b.total / 1e9, max_util * biggest.gpu_memory_gb
-            if need > room:
+            widest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpus)
+            if b.gpus > widest.gpus:
+                what = (f"tensor_parallel_size {b.gpus} needs {b.gpus} GPUs on one node; the largest node has "
+                        f"{widest.gpus} ({widest.gpus}x{widest.gpu_name})")
+                hint = f"lower tensor_parallel_size or add a node with {b.gpus} GPUs"
+            elif need > room:
                 what = (f"needs {need:.1f} GB per GPU (weights {b.weights / 1e9:.1f}, KV {b.kv / 1e9:.1f} for "
                         f"{b.kv_seqs} x {b.max_model_len} tokens, overhead {b.overhead / 1e9:.1f}), more than "
                         f"{max_util:.0%} of a {biggest.gpu_name} ({room:.1f} GB)")

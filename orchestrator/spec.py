@@ -533,6 +533,15 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
             if isinstance(tp, int) and tp > 1 and model.resources.num_gpus < 1:
                 errors.append(FieldError(f"models[{i}].resources.num_gpus",
                                          "a GPU share below 1 with tensor_parallel_size > 1 (TP takes whole GPUs)"))
+            util = model.engine.get("gpu_memory_utilization", 0.9)  # vLLM's default when unset
+            shared = model.resources.accelerator != "cpu" and not (isinstance(tp, int) and tp > 1)
+            if shared and isinstance(util, int | float) and util > model.resources.num_gpus + 1e-9:
+                unset = "" if "gpu_memory_utilization" in model.engine else " (vLLM's default; unset)"
+                errors.append(FieldError(
+                    f"models[{i}].engine.gpu_memory_utilization",
+                    f"{util:g}{unset} is more than the replica's GPU share resources.num_gpus "
+                    f"{model.resources.num_gpus:g}: set it to at most the share (`slm plan --write` sets both)",
+                ))
         if model.speculative is not None and "speculative_config" in model.engine:
             errors.append(FieldError(f"models[{i}].engine.speculative_config",
                                      "set `speculative` or engine.speculative_config, not both"))

@@ -176,11 +176,25 @@ def test_build_vllm_args_passes_engine_through():
     assert chosen == {"dtype": "float32"}
 
 
+def test_quantization_passes_through_and_shows_in_the_fleet_view():
+    from orchestrator.footprint import source_quantization
+
+    spec = make_spec(engine={"quantization": "fp8"}, resources={"accelerator": "gpu"})
+    eng, _, chosen = engine_args.build_vllm_args(spec, "/models/m", None)
+    assert eng.quantization == "fp8" and "quantization" not in chosen
+    assert source_quantization("hf://Qwen/Qwen3-4B", {"quantization": "awq"}) == {"method": "awq"}
+    assert source_quantization("hf://Qwen/Qwen3-4B", {}) == {}
+
+
 def test_replica_options_cpu_gpu_and_tensor_parallel():
     cpu = replica_options(make_spec(resources={"accelerator": "cpu", "num_cpus": 2}, env={"A": "1"}))
     assert cpu["ray_actor_options"] == {"num_cpus": 2, "runtime_env": {"env_vars": {"A": "1"}}}
     gpu = replica_options(make_spec(resources={"accelerator": "gpu"}))
     assert gpu["ray_actor_options"]["num_gpus"] == 1
+    shared = replica_options(make_spec(resources={"accelerator": "gpu", "num_gpus": 0.25, "accelerator_type": "L4"},
+                                       engine={"gpu_memory_utilization": 0.25}))
+    assert shared["ray_actor_options"]["num_gpus"] == 0.25  # a planned share of one GPU
+    assert shared["ray_actor_options"]["accelerator_type"] == "L4"
     tp = replica_options(make_spec(resources={"accelerator": "gpu"}, engine={"tensor_parallel_size": 4}))
     assert len(tp["placement_group_bundles"]) == 4
     assert all(b["GPU"] == 1 for b in tp["placement_group_bundles"])

@@ -56,6 +56,22 @@ def test_a_model_too_big_for_any_gpu_is_refused_by_name():
                           planner.parse_gpus("4xT4-16GB"))
 
 
+def test_kv_budget_is_max_num_seqs_x_max_model_len_x_kv_bytes_per_token():
+    from orchestrator.footprint import CATALOG, kv_bytes_per_token
+
+    spec = fleet(model("q", "hf://Qwen/Qwen3-0.6B", max_model_len=4096, max_num_seqs=8)).models[0]
+    b = planner.budget(spec, kv_seqs=16)  # max_num_seqs (8) below --kv-seqs (16) caps the KV room
+    assert b.kv == kv_bytes_per_token(CATALOG["Qwen/Qwen3-0.6B"], "bfloat16") * 4096 * 8
+    assert (b.kv_seqs, b.max_model_len, b.size_class) == (8, 4096, "micro")
+
+
+def test_a_tensor_parallel_model_wider_than_any_node_is_refused_by_name():
+    with pytest.raises(planner.PlanError, match=r"model 'big' does not fit: tensor_parallel_size 4 needs 4 GPUs "
+                                                r"on one node; the largest node has 2 \(2xL4-24GB\)"):
+        planner.make_plan(fleet(model("big", "hf://Qwen/Qwen3-4B", tensor_parallel_size=4, max_model_len=4096)),
+                          planner.parse_gpus("2xL4-24GB,2xL4-24GB"))
+
+
 def test_running_out_of_gpus_is_refused_by_name():
     with pytest.raises(planner.PlanError, match=r"model 'm' does not fit: replica 3 of 3 finds no GPU"):
         planner.make_plan(fleet(model("m", "hf://Qwen/Qwen3-1.7B", 3, max_model_len=8192)),

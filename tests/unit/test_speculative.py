@@ -176,6 +176,27 @@ def test_gpu_share_rules():
     assert "a GPU share on a cpu model" in errors_of(fleet(resources={"accelerator": "cpu", "num_gpus": 0.5}))
     assert "TP takes whole GPUs" in errors_of(fleet(resources={"num_gpus": 0.5},
                                                     engine={"tensor_parallel_size": 2}))
+    # A share needs a matching vLLM memory fraction, else the engine claims more than its share.
+    assert ("models[0].engine.gpu_memory_utilization: 0.9 (vLLM's default; unset) is more than the replica's "
+            "GPU share resources.num_gpus 0.25") in errors_of(fleet(resources={"num_gpus": 0.25}))
+    assert "0.5 is more than the replica's GPU share" in errors_of(
+        fleet(resources={"num_gpus": 0.25}, engine={"gpu_memory_utilization": 0.5}))
+    parse_fleet(fleet(resources={"num_gpus": 0.25}, engine={"gpu_memory_utilization": 0.25}))
+
+
+def test_slm_serve_preflight_refuses_a_draft_with_another_tokenizer(tiny, other_vocab, monkeypatch, tmp_path):
+    """`slm serve` checks drafts before starting anything, naming the model's draft field."""
+    from orchestrator import cli
+
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path))
+    data = {"models": [{"name": "ok", "source": str(tiny), "speculative": {"draft": {"derive_layers": 1}}},
+                       {"name": "bad", "source": str(tiny), "speculative": {"draft": str(other_vocab)}}]}
+    with pytest.raises(FleetValidationError) as e:
+        cli._resolve_sources(parse_fleet(data), "fleet.yaml")
+    text = str(e.value)
+    assert "fleet.yaml: models[1].speculative.draft: the draft's tokenizer differs from the target's" in text
+    assert "models[0]" not in text
+    assert list((tmp_path / "drafts").glob("tiny-4x128-first1-*"))  # the derived draft was built
 
 
 METRICS = """# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
