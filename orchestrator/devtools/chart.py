@@ -43,7 +43,8 @@ def tool(name: str) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
+def tool_env() -> dict[str, str]:
+    """The environment helm and kubectl run in: Helm's cache, config and data inside tools/."""
     env = dict(os.environ)
     home = TOOLS / "helm-home"
     for var, sub in (("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")):
@@ -53,7 +54,7 @@ def _env() -> dict[str, str]:
 
 def run(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [str(tool(name)), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), timeout=120)
     if check and proc.returncode != 0:
         raise ToolError(cmd, proc.returncode, proc.stderr)
     return proc

@@ -1,8 +1,9 @@
 """The chart README's values table, generated from the ``# --`` comments in values.yaml.
 
 A key with a ``# -- description`` comment right above it is a documented value (its whole
-subtree is its default); a key without one must be a mapping whose keys are documented in
-turn. ``--check`` fails when a value lacks a description or the README's table is stale.
+subtree is its default); a key without one must be a mapping with a plain ``#`` comment right
+above it (a section heading), whose keys are documented in turn. ``--check`` fails when a key
+lacks its comment or the README's table is stale.
 
     python -m orchestrator.devtools.chart_docs --write    # or: make chart-generate
 """
@@ -40,6 +41,7 @@ def documented_values(values_file: Path = CHART / "values.yaml") -> tuple[list[V
     missing: list[str] = []
     stack: list[tuple[int, str]] = []  # (indent, key) of open mappings
     pending: list[str] = []
+    headed = False  # a plain comment line right above the current line
     covered_indent: int | None = None  # inside a documented value's subtree
     for line in text.splitlines():
         stripped = line.strip()
@@ -49,8 +51,13 @@ def documented_values(values_file: Path = CHART / "values.yaml") -> tuple[list[V
         if stripped.startswith("#") and pending:
             pending.append(stripped[1:].strip())
             continue
-        if not stripped or stripped.startswith("#"):
+        if stripped.startswith("#"):
+            headed = True
             continue
+        if not stripped:
+            headed = False
+            continue
+        was_headed, headed = headed, False
         match = _KEY.match(line)
         indent = len(line) - len(line.lstrip())
         if covered_indent is not None and indent > covered_indent:
@@ -69,6 +76,8 @@ def documented_values(values_file: Path = CHART / "values.yaml") -> tuple[list[V
         elif match.group(3).strip():
             missing.append(path)  # a leaf without a description
         else:
+            if not was_headed:
+                missing.append(path)  # a section without its heading comment
             stack.append((indent, key))
         pending = []
     return out, missing

@@ -281,7 +281,7 @@ def rayservice(
                 "metadata": {"name": f"{opts.name}-gateway", "labels": labels(opts, "gateway")},
                 "spec": {
                     "type": "ClusterIP",
-                    "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}],
+                    "ports": [{"name": "serve", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}],
                 },
             },
             "rayClusterConfig": {

@@ -20,7 +20,17 @@ import pytest
 import yaml
 
 from orchestrator.devtools import chart_docs, k8s_manifests
-from orchestrator.devtools.chart import CHART, REPO, ToolError, helm_lint, helm_template, kustomize
+from orchestrator.devtools.chart import (
+    CHART,
+    RELEASE,
+    REPO,
+    ToolError,
+    helm_lint,
+    helm_template,
+    kustomize,
+    tool,
+    tool_env,
+)
 from orchestrator.k8s import render, schema
 
 SHARED = Path(os.environ.get("SLM_SHARED_DIR", REPO.parent / "shared"))
@@ -112,15 +122,20 @@ def test_rendered_objects_validate(values, rayservice_schema):
             assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
 
 
-def test_kubernetes_validate_cli_strict_on_a_rendering(tmp_path):
-    """The same check as a platform team would run it: the kubernetes-validate command."""
-    out = tmp_path / "all-on.yaml"
-    out.write_text("---\n".join(yaml.safe_dump(d) for d in helm_template([CHART / "ci" / "all-on-values.yaml"])))
-    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION, str(out)],
-                          capture_output=True, text=True)
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_helm_template_piped_through_kubernetes_validate_cli(values):
+    """The same check as a platform team would run it: `helm template ... | kubernetes-validate --strict -`."""
+    helm = subprocess.Popen([str(tool("helm")), "template", RELEASE, str(CHART), "-f", str(values)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+    proc = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION, "-"],
+                          stdin=helm.stdout, capture_output=True, text=True)
+    helm.stdout.close()
+    assert helm.wait() == 0, helm.stderr.read().decode()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for kind in ("ingress", "secret", "configmap", "networkpolicy", "poddisruptionbudget", "serviceaccount"):
-        assert f"passed for resource {kind}/" in proc.stdout
+    assert "passed for resource serviceaccount/" in proc.stdout
+    if values.name == "all-on-values.yaml":
+        for kind in ("ingress", "secret", "configmap", "networkpolicy", "poddisruptionbudget"):
+            assert f"passed for resource {kind}/" in proc.stdout
 
 
 def test_all_on_scenario_renders_every_optional_part():
@@ -145,8 +160,82 @@ def test_all_on_scenario_renders_every_optional_part():
         assert "/etc/slm" in mounts
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "slm-models"
-    assert by_kind["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == (
-        "slm-slm-orchestrator-gateway")
+    backend = by_kind["Ingress"]["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "slm-slm-orchestrator-gateway"
+    # KubeRay keeps only the serve Service's port named `serve` (from the head's `serve` port):
+    # the Ingress and the ServiceMonitor must name that port.
+    serve_service = by_kind["RayService"]["spec"]["serveService"]
+    assert serve_service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert head_ports["serve"] == 8000
+    assert backend["port"] == {"name": "serve"}
+    (endpoint,) = by_kind["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["port"] == "serve" and endpoint["path"] == "/metrics"
+    assert endpoint["authorization"]["credentials"] == {"name": "slm-slm-orchestrator-api-keys", "key": "metrics-key"}
+    sm_selector = by_kind["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
+    assert sm_selector.items() <= serve_service["metadata"]["labels"].items()
+    # The NetworkPolicy lets the KubeRay operator reach the dashboard (8265) and the gateway port
+    # (its proxy health check), and Prometheus the gateway's /metrics on 8000.
+    rules = {tuple(p["port"] for p in r.get("ports", [])): r for r in by_kind["NetworkPolicy"]["spec"]["ingress"]}
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert rules[(8265,)]["from"] == [operator]
+    assert operator in rules[(8000,)]["from"] and monitoring in rules[(8000,)]["from"]
+    assert rules[(8080,)]["from"] == [monitoring]
+    # Every object carries the app.kubernetes.io labels; the PDB selects the worker pods.
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "slm-orchestrator", doc["kind"]
+        assert labels["app.kubernetes.io/instance"] == "slm" and labels["app.kubernetes.io/managed-by"] == "Helm"
+    pdb_selector = by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    for group in cluster["workerGroupSpecs"]:
+        assert pdb_selector.items() <= group["template"]["metadata"]["labels"].items()
+    assert not pdb_selector.items() <= cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
+
+
+def test_existing_api_keys_secret_is_used_not_created():
+    docs = helm_template(set_json={"apiKeys": {"enabled": True, "existingSecret": "team-keys", "secretKey": "k.yaml"}})
+    assert "Secret" not in [d["kind"] for d in docs]
+    doc = next(d for d in docs if d["kind"] == "RayService")
+    cluster = doc["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["api-keys"]["secret"] == {"secretName": "team-keys",
+                                                 "items": [{"key": "k.yaml", "path": "keys.yaml"}]}
+    fleet = json.loads(doc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert fleet["gateway"]["auth"] == {"keys_file": "/etc/slm/keys.yaml"}
+
+
+def test_ray_autoscaler_is_on():
+    cluster = helm_template()[-1]["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] == 60
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] < group["maxReplicas"]  # room for Ray's autoscaler to add GPU pods
+
+
+def test_alerts_and_dashboard_use_metrics_the_gateway_and_vllm_export():
+    """Every metric the PrometheusRule and the Grafana dashboard query is one the code exports."""
+    import importlib.util
+    import re
+
+    from orchestrator.metrics import GatewayMetrics
+
+    docs = helm_template([CHART / "ci" / "all-on-values.yaml"])
+    by_kind = {d["kind"]: d for d in docs}
+    exprs = [r["expr"] for r in by_kind["PrometheusRule"]["spec"]["groups"][0]["rules"]]
+    dashboard = json.loads(by_kind["ConfigMap"]["data"]["slm-orchestrator.json"])
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exported = set()
+    for family in GatewayMetrics().registry.collect():
+        exported |= {family.name, family.name + "_total"}
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bslm_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    vllm_dir = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
+    vllm_names = set(re.findall(r'name="(vllm:[a-z_]+)"', (vllm_dir / "v1" / "metrics" / "loggers.py").read_text()))
+    used_vllm = {re.sub(r"_(bucket|sum|count|total)$", "", m) for e in exprs for m in re.findall(r"vllm:[a-z_]+", e)}
+    assert used_vllm and used_vllm <= vllm_names, used_vllm - vllm_names
 
 
 def test_pods_run_restricted():
@@ -346,10 +435,10 @@ def test_chart_readme_values_table_is_current():
 
 def test_undocumented_value_is_reported(tmp_path):
     values = tmp_path / "values.yaml"
-    values.write_text("# -- documented\na: 1\nb:\n  # -- nested\n  c: 2\n  d: 3\n")
+    values.write_text("# -- documented\na: 1\nb:\n  # -- nested\n  c: 2\n  d: 3\n\n# a section\ne:\n  # -- x\n  f: 4\n")
     docs, missing = chart_docs.documented_values(values)
-    assert [v.path for v in docs] == ["a", "b.c"]
-    assert missing == ["b.d"]
+    assert [v.path for v in docs] == ["a", "b.c", "e.f"]
+    assert missing == ["b", "b.d"]  # b: a section without its heading comment; b.d: no description
 
 
 @pytest.mark.parametrize("fleet_file", [CHART / "values.yaml", REPO / "examples" / "fleet-gpu.yaml",
