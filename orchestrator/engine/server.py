@@ -9,16 +9,20 @@ without decoding.
 Two entry points:
 
 * ``call(endpoint, payload) -> (status, body_bytes)`` for non-streaming requests;
-* ``stream(endpoint, payload)``, an async generator that yields the HTTP status first, then
-  either one error body or SSE bytes. Chunks produced while the previous one was in
-  flight to the gateway are sent together (never delaying the first one), which keeps
-  the per-token actor hop off the hot path.
+* ``stream(endpoint, payload, reply_to=...)``, an async generator that yields
+  ``(status, media_type, direct)`` first, then either one error body or the SSE body. With
+  ``direct`` the body goes straight to the gateway replica's inbox (``orchestrator.wire``:
+  one pooled TCP connection, every stream's chunks of a loop tick in one write) and the
+  generator returns when the body has ended; without it (no ``reply_to``, or the inbox
+  cannot be reached) the SSE bytes are yielded through Ray, chunks produced while the
+  previous one was in flight joined into one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +30,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orchestrator import console_logging, errors, metrics, sources
+from orchestrator import console_logging, errors, metrics, sources, wire
 from orchestrator.engine import openai_compat, speculative
 from orchestrator.engine.args import accelerator, build_vllm_args
 from orchestrator.spec import ModelSpec
@@ -164,6 +168,7 @@ class ModelServer:
                      self.spec.name, key, value, key)
         self._engine_args = engine_args
         self.load = EngineLoad()
+        self._outbox = wire.Outbox()
         self.engine = await self._start_engine(engine_args)
         await self._init_serving(engine_args, frontend_args)
         self._replica_id = self._make_replica_id()
@@ -350,41 +355,71 @@ class ModelServer:
         logging.shutdown()
         os._exit(70)
 
-    async def stream(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None):
-        """A streaming request: yields ``(status, media_type)`` first, then body bytes.
+    async def stream(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None,
+                     reply_to: dict[str, str] | None = None):
+        """A streaming request: yields ``(status, media_type, direct)`` first, then body bytes.
 
         An error (or a request vLLM answered without streaming) is one JSON body;
-        a stream is SSE chunks ending with ``data: [DONE]``.
+        a stream is SSE chunks ending with ``data: [DONE]``, sent to ``reply_to`` when
+        ``direct`` (see the module's docstring).
         """
         self.load.in_flight += 1
         try:
-            async for item in self._stream(endpoint, payload):
+            async for item in self._stream(endpoint, payload, reply_to):
                 yield item
         finally:
             self.load.in_flight -= 1
 
-    async def _stream(self, endpoint: str, payload: dict[str, Any]):
+    async def _stream(self, endpoint: str, payload: dict[str, Any], reply_to: dict[str, str] | None = None):
         try:
             result = await self._run(endpoint, payload)
         except Exception as e:  # noqa: BLE001 - OrchestratorError and anything else
             if not isinstance(e, errors.OrchestratorError):
                 log.exception("model %s: request failed", self.spec.name)
             status, body = _error_body(e)
-            yield status, JSON
+            yield status, JSON, False
             yield body
             return
         if self._is_error(result):
             status, body = self._error_result(result)
-            yield status, JSON
+            yield status, JSON, False
             yield body
             return
         if not isinstance(result, AsyncIterator):
-            yield 200, JSON
+            yield 200, JSON, False
             yield openai_compat.dump(result)
             return
-        yield 200, SSE
-        async for chunk in coalesce(result):
-            yield chunk
+        conn, sid = await self._direct_connection(reply_to)
+        if conn is None:
+            yield 200, SSE, False
+            async for chunk in coalesce(result):
+                yield chunk
+            return
+        # Start generating before the status goes back through Ray: the first token does
+        # not wait for that hop (the gateway's inbox holds frames that arrive first).
+        sending = asyncio.ensure_future(send_direct(result, conn, sid))
+        try:
+            yield 200, SSE, True
+            await sending
+        finally:
+            if not sending.done():  # the call was cancelled: the client left
+                sending.cancel()
+                with contextlib.suppress(BaseException):
+                    await sending
+
+    async def _direct_connection(self, reply_to: dict[str, str] | None):
+        """The pooled connection to the gateway replica's inbox, or (None, None) to stream
+        through Ray instead."""
+        target = wire.parse_reply_to(reply_to)
+        if target is None:
+            return None, None
+        address, token, sid = target
+        try:
+            return await self._outbox.connection(address, token), sid
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("model %s: cannot reach the gateway's stream inbox at %s (%r); streaming through Ray",
+                        self.spec.name, address, e)
+            return None, None
 
     # -- health and metrics ---------------------------------------------------------------
 
@@ -480,6 +515,34 @@ def enforce_context_limit(serving) -> None:
             return check(request, result) or result
 
         serving.render_completion_request = render_completion_request
+
+
+async def send_direct(source: AsyncIterator[str], conn, sid: bytes) -> None:
+    """Write ``source``'s chunks to a gateway inbox connection, then the END frame.
+
+    Cancelled (the client went away), or failing, it closes vLLM's generator, which aborts
+    the request; a failure also tells the gateway with a FAIL frame.
+    """
+    try:
+        async for chunk in source:
+            conn.send(sid, wire.DATA, chunk.encode())
+            if conn.paused:
+                await conn.drain()
+        conn.send(sid, wire.END)
+        conn.flush()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.warning("stream failed mid-way: %r", e)
+        with contextlib.suppress(ConnectionError):
+            conn.send(sid, wire.FAIL, b"The model server stopped while streaming; retry the request.")
+            conn.flush()
+        raise
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()
 
 
 async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[bytes]:

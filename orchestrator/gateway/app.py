@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator import console_logging, errors, routing
+from orchestrator import console_logging, errors, routing, wire
 from orchestrator.gateway import auth as keys
 from orchestrator.gateway import ratelimit
 from orchestrator.gateway.audit import AuditLog
@@ -109,6 +109,12 @@ def _error_event(exc: errors.OrchestratorError) -> bytes:
     as a data event, then ``[DONE]``. The openai SDK raises it as an ``APIError``."""
     _, body, _ = errors.to_envelope(exc)
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+
+
+async def _drain_call(gen) -> None:
+    """Run a streaming call to its end (a direct stream's call yields nothing after its status)."""
+    async for _ in gen:
+        pass
 
 
 def _app_name() -> str | None:
@@ -250,6 +256,8 @@ class Gateway:
         self._limiter = None
         self._replica = _replica_id()
         self._refresher: asyncio.Future | None = None
+        self._inbox = wire.Inbox() if wire.enabled() else None
+        self._inbox_starting: asyncio.Future | None = None
         self._ensure_state_actor()
 
     # -- keys, limits, audit --------------------------------------------------------
@@ -497,12 +505,15 @@ class Gateway:
         gauge.inc()
         handed_off = False
         status: int | str = 500
+        inbox: wire.InboxStream | None = None
         try:
             if not stream:
                 status, answer = await self._call(spec, endpoint, payload, key, started)
                 ctx.note_usage(answer)
                 return Response(answer, status_code=status, media_type="application/json", headers=ctx.headers)
-            gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=key)
+            inbox = await self._open_inbox_stream()
+            gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=key,
+                                                           reply_to=inbox.reply_to if inbox else None)
             first = asyncio.ensure_future(gen.__anext__())
             try:
                 done, _ = await asyncio.wait({first}, timeout=HOLD_NOTICE_S)
@@ -515,12 +526,14 @@ class Gateway:
                 # now and keep the connection alive while it waits.
                 handed_off = True
                 return StreamingResponse(
-                    self._held_stream(first, gen, spec, endpoint, started, ctx),
+                    self._held_stream(first, gen, spec, endpoint, started, ctx, inbox),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
                 )
             try:
-                status, media_type = first.result()
+                status, media_type, direct = first.result()
+                if not direct and inbox is not None:
+                    inbox.close()  # the replica streams through Ray (fallback)
                 if media_type != "text/event-stream":
                     answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     return Response(answer, status_code=status, media_type=media_type, headers=ctx.headers)
@@ -532,7 +545,7 @@ class Gateway:
                 raise self._upstream_error(model, e) from e
             handed_off = True
             return StreamingResponse(
-                self._relay(gen, model, endpoint, started, ctx),
+                self._relay(gen, model, endpoint, started, ctx, inbox if direct else None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
             )
@@ -542,6 +555,8 @@ class Gateway:
             raise
         finally:
             if not handed_off:
+                if inbox is not None:
+                    inbox.close()
                 gauge.dec()
                 self.metrics.requests.labels(model, endpoint, str(status)).inc()
                 self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
@@ -593,7 +608,7 @@ class Gateway:
             hold.release()
 
     async def _held_stream(self, first: asyncio.Future, gen, spec: ModelSpec, endpoint: str, started: float,
-                           ctx: _RequestContext):
+                           ctx: _RequestContext, inbox: wire.InboxStream | None):
         """A stream waiting for a replica: SSE comments until it starts, then the stream."""
         model = spec.name
         relayed = False
@@ -615,7 +630,9 @@ class Gateway:
                 yield f": waiting for a replica of '{model}' ({time.perf_counter() - started:.0f}s)\n\n".encode()
             hold.release()
             try:
-                code, media_type = first.result()
+                code, media_type, direct = first.result()
+                if not direct and inbox is not None:
+                    inbox.close()  # the replica streams through Ray (fallback)
                 if media_type != "text/event-stream":
                     body = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     status = str(code)
@@ -628,7 +645,7 @@ class Gateway:
                 yield _error_event(failure)
                 return
             relayed = True
-            async for chunk in self._relay(gen, model, endpoint, started, ctx):
+            async for chunk in self._relay(gen, model, endpoint, started, ctx, inbox if direct else None):
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -638,6 +655,8 @@ class Gateway:
             if not first.done():
                 first.cancel()
                 gen.cancel()
+            if inbox is not None and not relayed:
+                inbox.close()
             if not relayed:
                 self.metrics.in_flight.labels(model).dec()
                 self.metrics.requests.labels(model, endpoint, status).inc()
@@ -652,12 +671,48 @@ class Gateway:
         log.error("model %s: upstream error: %r", model, exc)
         return errors.OrchestratorError("The server had an error while processing your request.")
 
-    async def _relay(self, gen, model: str, endpoint: str, started: float, ctx: _RequestContext):
-        """Pass the replica's SSE bytes through; on a mid-stream failure, end cleanly."""
+    async def _open_inbox_stream(self) -> wire.InboxStream | None:
+        """A stream in this replica's inbox (started on first use), or None to take bodies
+        through Ray (``SLM_STREAM_TRANSPORT=ray``, or the inbox could not start)."""
+        if self._inbox is None:
+            return None
+        if not self._inbox.started:
+            if self._inbox_starting is None:
+                self._inbox_starting = asyncio.ensure_future(self._inbox.start())
+            try:
+                address = await asyncio.shield(self._inbox_starting)
+                log.info("stream inbox listening on %s", address)
+            except OSError as e:
+                log.error("stream inbox could not start (%r); stream bodies go through Ray", e)
+                self._inbox = None
+                return None
+        return self._inbox.open()
+
+    @staticmethod
+    async def _direct_body(gen, inbox: wire.InboxStream):
+        """A stream's body from the inbox; the Ray call (``gen``) is watched so that a replica
+        that dies before its END frame ends the stream with an error, not a hang."""
+        def finished(call: asyncio.Future) -> None:
+            if not call.cancelled():
+                inbox.call_finished(call.exception())
+
+        watcher = asyncio.ensure_future(_drain_call(gen))
+        watcher.add_done_callback(finished)
+        try:
+            while (data := await inbox.read()) is not None:
+                yield data
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+
+    async def _relay(self, gen, model: str, endpoint: str, started: float, ctx: _RequestContext,
+                     inbox: wire.InboxStream | None = None):
+        """Pass the replica's SSE bytes through (from the inbox when the replica streams
+        directly, else from the Ray call); on a mid-stream failure, end cleanly."""
         status = "200"
         first = True
         try:
-            async for chunk in gen:
+            async for chunk in (self._direct_body(gen, inbox) if inbox is not None else gen):
                 if first:
                     self.metrics.ttft.labels(model, endpoint).observe(time.perf_counter() - started)
                     first = False
@@ -672,6 +727,8 @@ class Gateway:
             log.warning("model %s: stream broke: %r", model, e)
             yield _error_event(errors.NoReadyReplica("The model server stopped while streaming; retry the request."))
         finally:
+            if inbox is not None:
+                inbox.close()
             self.metrics.in_flight.labels(model).dec()
             self.metrics.requests.labels(model, endpoint, status).inc()
             self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
