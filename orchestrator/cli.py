@@ -77,6 +77,28 @@ def _replica_summary(app_status, names: dict[str, str]) -> str:
     return "; ".join(parts)
 
 
+def _private_haproxy_paths() -> None:
+    """Ray's HAProxy ingress keeps its config, admin socket and state under fixed paths in
+    /tmp and its stats on fixed ports: give this local stack its own, so two stacks on one
+    machine do not share (and break) one HAProxy setup. Explicit values win."""
+    import atexit
+    import shutil
+    import socket
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="slm-haproxy-")
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    paths = {"CONFIG_FILE_LOC": "haproxy.cfg", "SOCKET_PATH": "admin.sock", "SERVER_STATE_BASE": "",
+             "SERVER_STATE_FILE": "server-state"}
+    for key, name in paths.items():
+        os.environ.setdefault(f"RAY_SERVE_HAPROXY_{key}", os.path.join(base, name) if name else base)
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        if key not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ[key] = str(sock.getsockname()[1])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     fleet, origin = _load(args.file)
     host = args.host or fleet.gateway.host
@@ -89,11 +111,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Longer than clients' idle keep-alive, so a reused connection is never cut by the proxy
     # (the RayService's serveConfigV2 sets the same in http_options).
     os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", str(HTTP_KEEP_ALIVE_S))
-    # Opt-in (SLM_SERVE_FAST_PATH=1): Ray Serve's fast path, set before Ray starts so every
-    # Ray process sees it; an explicit value of one of its variables wins.
-    if os.environ.get("SLM_SERVE_FAST_PATH") == "1":
+    # Ray Serve's fast path (SLM_SERVE_FAST_PATH=0 turns it off), set before Ray starts so
+    # every Ray process sees it; an explicit value of one of its variables wins.
+    if os.environ.get("SLM_SERVE_FAST_PATH", "1") != "0":
         for key, value in SERVE_FAST_PATH_ENV.items():
             os.environ.setdefault(key, value)
+        if not os.environ.get("RAY_ADDRESS"):
+            _private_haproxy_paths()
     import ray
     from ray import serve
     from ray.serve.api import RunTarget

@@ -180,11 +180,14 @@ class Inbox:
         self.address = ""
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str = "0.0.0.0", port: int = 0, advertise: str | None = None) -> str:
+    async def start(self, host: str | None = None, port: int = 0, advertise: str | None = None) -> str:
+        """Listen (by default on this Ray node's address only, on a free port); returns the
+        address model replicas connect to."""
+        advertise = advertise or _node_ip()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _InboxProtocol(self), host, port)
+        self._server = await loop.create_server(lambda: _InboxProtocol(self), host or advertise, port)
         bound = self._server.sockets[0].getsockname()[1]
-        self.address = f"{advertise or _node_ip()}:{bound}"
+        self.address = f"{advertise}:{bound}"
         return self.address
 
     @property
