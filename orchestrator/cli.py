@@ -80,7 +80,8 @@ def _replica_summary(app_status, names: dict[str, str]) -> str:
 def _private_haproxy_paths() -> None:
     """Ray's HAProxy ingress keeps its config, admin socket and state under fixed paths in
     /tmp and its stats on fixed ports: give this local stack its own, so two stacks on one
-    machine do not share (and break) one HAProxy setup. Explicit values win."""
+    machine do not share (and break) one HAProxy setup; and a short drain window for
+    stopping gateway replicas. Explicit values win."""
     import atexit
     import shutil
     import socket
@@ -92,6 +93,9 @@ def _private_haproxy_paths() -> None:
              "SERVER_STATE_FILE": "server-state"}
     for key, name in paths.items():
         os.environ.setdefault(f"RAY_SERVE_HAPROXY_{key}", os.path.join(base, name) if name else base)
+    # A stopping gateway replica stays open this long so load balancers can drop it (Serve's
+    # default, 30 s, made every Ctrl-C wait 30 s); the local HAProxy hears within a second.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         if key not in os.environ:
             with socket.socket() as sock:
