@@ -28,6 +28,21 @@ async def _connect(inbox: wire.Inbox, outbox: wire.Outbox, stream: wire.InboxStr
     return await outbox.connection(address, token), sid
 
 
+async def _one_stream():
+    """An inbox with one open stream, and a replica-side connection to it."""
+    inbox, outbox = await _pair()
+    stream = inbox.open()
+    conn, sid = await _connect(inbox, outbox, stream)
+    return inbox, outbox, stream, conn, sid
+
+
+async def _body(stream: wire.InboxStream) -> bytes:
+    got = b""
+    while (data := await stream.read()) is not None:
+        got += data
+    return got
+
+
 def test_chunks_of_several_streams_arrive_in_order_and_end():
     async def main():
         inbox, outbox = await _pair()
@@ -103,9 +118,7 @@ def test_a_wrong_token_is_refused():
 
 def test_a_lost_connection_breaks_its_streams():
     async def main():
-        inbox, outbox = await _pair()
-        stream = inbox.open()
-        conn, sid = await _connect(inbox, outbox, stream)
+        inbox, outbox, stream, conn, sid = await _one_stream()
         conn.send(sid, wire.DATA, b"half")
         assert await stream.read() == b"half"
         conn.transport.close()  # the model replica died
@@ -137,16 +150,11 @@ def test_a_finished_call_without_end_frame_breaks_after_the_grace(monkeypatch):
 
 def test_frames_split_across_reads_are_reassembled():
     async def main():
-        inbox, outbox = await _pair()
-        stream = inbox.open()
-        conn, sid = await _connect(inbox, outbox, stream)
+        inbox, outbox, stream, conn, sid = await _one_stream()
         payload = b"x" * 300_000  # spans many TCP reads
         conn.send(sid, wire.DATA, payload)
         conn.send(sid, wire.END)
-        got = b""
-        while (data := await stream.read()) is not None:
-            got += data
-        assert got == payload
+        assert await _body(stream) == payload
         outbox.close(), inbox.close()
 
     run(main())
@@ -174,14 +182,9 @@ def test_send_direct_relays_then_ends_and_closes_the_source():
             closed.append(True)
 
     async def main():
-        inbox, outbox = await _pair()
-        stream = inbox.open()
-        conn, sid = await _connect(inbox, outbox, stream)
+        inbox, outbox, stream, conn, sid = await _one_stream()
         await send_direct(source(), conn, sid)
-        got = b""
-        while (data := await stream.read()) is not None:
-            got += data
-        assert got == b"".join(f"data: {i}\n\n".encode() for i in range(5))
+        assert await _body(stream) == b"".join(f"data: {i}\n\n".encode() for i in range(5))
         assert closed == [True]
         outbox.close(), inbox.close()
 
@@ -204,9 +207,7 @@ def test_send_direct_failure_sends_fail_and_cancel_closes_the_source():
             closed.append(True)
 
     async def main():
-        inbox, outbox = await _pair()
-        stream = inbox.open()
-        conn, sid = await _connect(inbox, outbox, stream)
+        inbox, outbox, stream, conn, sid = await _one_stream()
         with pytest.raises(RuntimeError, match="engine dead"):
             await send_direct(broken(), conn, sid)
         assert await stream.read() == b"data: 0\n\n"
