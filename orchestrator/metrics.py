@@ -78,6 +78,10 @@ class GatewayMetrics:
             "slm_admission_rejected_total", "Requests refused by admission control (queue past its bound).",
             ["model"], registry=self.registry,
         )
+        self.streams = Counter(
+            "slm_streams_total", "Streams by how their body travelled: direct (the replica-to-gateway channel) "
+            "or ray (the fallback through the Serve handle).", ["model", "transport"], registry=self.registry,
+        )
         self.spec_acceptance = Gauge(
             "slm_spec_decode_acceptance_rate", "Speculative decoding: accepted / drafted tokens.", ["model"],
             registry=self.registry,

@@ -532,6 +532,8 @@ class Gateway:
                 )
             try:
                 status, media_type, direct = first.result()
+                if media_type == "text/event-stream":
+                    self.metrics.streams.labels(model, "direct" if direct else "ray").inc()
                 if not direct and inbox is not None:
                     inbox.close()  # the replica streams through Ray (fallback)
                 if media_type != "text/event-stream":
@@ -631,6 +633,8 @@ class Gateway:
             hold.release()
             try:
                 code, media_type, direct = first.result()
+                if media_type == "text/event-stream":
+                    self.metrics.streams.labels(model, "direct" if direct else "ray").inc()
                 if not direct and inbox is not None:
                     inbox.close()  # the replica streams through Ray (fallback)
                 if media_type != "text/event-stream":

@@ -301,6 +301,10 @@ def test_gateway_metrics(client, http):
         client.chat.completions.create(model="missing", messages=QUESTION, max_tokens=2)
     statuses = {(s.labels["model"], s.labels["status"]) for s in metric_samples(http, "slm_requests_total")}
     assert (CHAT, "200") in statuses
+    # This stack streams bodies over the direct channel: no stream fell back to Ray.
+    transports = {s.labels["transport"]: s.value for s in metric_samples(http, "slm_streams_total")
+                  if s.labels["model"] == CHAT}
+    assert transports.get("direct", 0) > 0 and transports.get("ray", 0) == 0, transports
     names = {s.name for f in text_string_to_metric_families(http.get("/metrics").text) for s in f.samples}
     for name in ("slm_request_latency_seconds_count", "slm_time_to_first_token_seconds_count",
                  "slm_requests_in_flight", "vllm:generation_tokens_total", "vllm:num_requests_waiting"):
