@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "serve"
 ENGINE_METRICS_PUSH_S = 1.0
+ENGINE_METRICS_IDLE_PUSH_S = 5.0  # an idle replica's metrics do not change: a heartbeat only
 ENGINE_METRICS_MAX_AGE_S = 15.0  # then the replica is gone (or stuck)
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -67,6 +68,7 @@ class EngineLoad:
         self.waiting = 0
         self.kv_cache_usage = 0.0
         self.in_flight = 0
+        self.started = 0  # requests ever started here (tells the metrics push what changed)
 
     def record(self, scheduler_stats) -> None:
         if scheduler_stats is None:
@@ -316,6 +318,7 @@ class ModelServer:
         ``route_key`` is read by the gateway's request router (``orchestrator.routing``).
         """
         self.load.in_flight += 1
+        self.load.started += 1
         try:
             result = await self._run(endpoint, payload)
             if self._is_error(result):
@@ -364,6 +367,7 @@ class ModelServer:
         ``direct`` (see the module's docstring).
         """
         self.load.in_flight += 1
+        self.load.started += 1
         try:
             async for item in self._stream(endpoint, payload, reply_to):
                 yield item
@@ -440,9 +444,14 @@ class ModelServer:
         from orchestrator.autoscaling import state
 
         actor = None
+        pushed_at, pushed_started, pushed_busy = 0.0, -1, True
         while True:
             await asyncio.sleep(state.ENGINE_METRICS_PUSH_S)
             self._engine_dead()  # an engine that died while idle: do not wait for the health check
+            busy, started, now = self.load.in_flight > 0, self.load.started, time.monotonic()
+            if (not busy and not pushed_busy and started == pushed_started
+                    and now - pushed_at < state.ENGINE_METRICS_IDLE_PUSH_S):
+                continue  # idle since the last push: nothing changed, a heartbeat now and then
             try:
                 if actor is None:
                     from ray import serve
@@ -450,6 +459,7 @@ class ModelServer:
                     actor = await asyncio.to_thread(state.lookup, serve.get_replica_context().app_name)
                 if actor is not None:
                     await actor.record_engine_metrics.remote(self._replica_id, self.metrics_text())
+                    pushed_at, pushed_started, pushed_busy = now, started, busy
             except Exception as e:  # noqa: BLE001 - metrics must never hurt serving
                 log.debug("model %s: metrics push failed: %r", self.spec.name, e)
                 actor = None
