@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import math
 import random
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,58 @@ SPILLS = Counter(
 
 SESSION_HEADER = "x-session-id"
 _VNODES = 64
+
+
+class InFlight:
+    """Requests this process sent to each replica and has not seen finish: the routers' own
+    load view. Serve's queue-length cache is kept by its transport's completion callbacks;
+    this one is kept by the gateway, which knows when a body ended (its END frame, its
+    call's return, its client leaving), so it holds whichever transport handles use.
+
+    The gateway tags each call with a ``track`` token; the router records the replica it
+    chooses for that token as it chooses (``routed``, so a burst's later choices see the
+    earlier ones), corrects it if another replica took the request (``moved``), and the
+    gateway releases it (``finished``). Called from the router's loop and the gateway's,
+    hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: dict[str, str] = {}
+        self._count: dict[str, int] = {}
+
+    def routed(self, token: str, replica: str) -> None:
+        with self._lock:
+            if token in self._owner:
+                return
+            self._owner[token] = replica
+            self._count[replica] = self._count.get(replica, 0) + 1
+
+    def moved(self, token: str, replica: str) -> None:
+        """The request went to ``replica`` after all (its first choice refused it)."""
+        with self._lock:
+            old = self._owner.get(token)
+            if old == replica:
+                return
+        self.finished(token)
+        self.routed(token, replica)
+
+    def finished(self, token: str | None) -> None:
+        if token is None:
+            return
+        with self._lock:
+            replica = self._owner.pop(token, None)
+            if replica is not None:
+                left = self._count.get(replica, 0) - 1
+                if left > 0:
+                    self._count[replica] = left
+                else:
+                    self._count.pop(replica, None)
+
+    def load(self, replica: str) -> int:
+        return self._count.get(replica, 0)
+
+
+IN_FLIGHT = InFlight()
 
 
 # --------------------------------------------------------------------------- keys

@@ -25,11 +25,15 @@ class SlmRequestRouter(FIFOMixin, RequestRouter):
         self._turn = itertools.count()
 
     def _load(self, replica) -> float:
-        """Outstanding requests: Serve's fresh per-handle queue-length cache, else the
-        replica's last routing stats."""
+        """Outstanding requests: the most of this process's own in-flight count (see
+        ``routing.InFlight``) and Serve's per-handle queue-length cache, else the replica's
+        last routing stats."""
+        own = routing.IN_FLIGHT.load(replica.replica_id.unique_id)
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         if cached is not None:
-            return float(cached)
+            return float(max(cached, own))
+        if own:
+            return float(own)
         stats = replica.routing_stats or {}
         return float(stats.get("queue_depth", 0))
 
@@ -43,6 +47,12 @@ class SlmRequestRouter(FIFOMixin, RequestRouter):
         if spilled:
             routing.SPILLS.labels(self.model, self.policy).inc()
         replicas = [by_id[rid] for rid in order]
+        track = pending_request.kwargs.get("track") if pending_request is not None else None
+        if track and self.policy != "least-queue":
+            # Count it now: the next choice of a burst must see it (Serve's own cache may
+            # not, depending on the handles' transport). least-queue lets Serve pick within
+            # the rank, so it is recorded once routed.
+            routing.IN_FLIGHT.routed(track, order[0])
         if self.policy == "least-queue":
             # Serve takes the least-loaded replica of a rank, from its cache or fresh probes.
             return [replicas]
@@ -53,3 +63,6 @@ class SlmRequestRouter(FIFOMixin, RequestRouter):
         # Count client requests only, not the gateway's own calls (metrics_text).
         if pending_request.metadata.call_method in ("call", "stream"):
             routing.PICKS.labels(self.model, replica_id.unique_id, self.policy).inc()
+            track = pending_request.kwargs.get("track")
+            if track:
+                routing.IN_FLIGHT.moved(track, replica_id.unique_id)

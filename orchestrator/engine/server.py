@@ -312,10 +312,12 @@ class ModelServer:
             log.error("model %s: engine error: %s", self.spec.name, result.error.message)
         return status, json.dumps(body).encode()
 
-    async def call(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None) -> tuple[int, bytes]:
+    async def call(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None,
+                   track: str | None = None) -> tuple[int, bytes]:
         """A non-streaming request: (HTTP status, response body bytes).
 
-        ``route_key`` is read by the gateway's request router (``orchestrator.routing``).
+        ``route_key`` is read by the gateway's request router (``orchestrator.routing``), and
+        ``track`` by its in-flight view (``routing.InFlight``); both are unused here.
         """
         self.load.in_flight += 1
         self.load.started += 1
@@ -359,7 +361,7 @@ class ModelServer:
         os._exit(70)
 
     async def stream(self, endpoint: str, payload: dict[str, Any], route_key: str | None = None,
-                     reply_to: dict[str, str] | None = None):
+                     reply_to: dict[str, str] | None = None, track: str | None = None):
         """A streaming request: yields ``(status, media_type, direct)`` first, then body bytes.
 
         An error (or a request vLLM answered without streaming) is one JSON body;

@@ -142,6 +142,7 @@ class _RequestContext:
     usage: dict[str, Any] | None = None
     body: Any = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    track: str | None = None  # the stream's token in the routers' in-flight view
 
     def note_usage(self, data: bytes) -> None:
         """Keep the ``usage`` object of an answer or stream chunk, if it has one."""
@@ -328,7 +329,9 @@ class Gateway:
         ctx.reserved = tokens
 
     def _finish(self, ctx: _RequestContext) -> None:
-        """Reconcile the key's tokens with what the answer used; write the audit line."""
+        """Release the stream in the routers' view; reconcile the key's tokens with what the
+        answer used; write the audit line."""
+        routing.IN_FLIGHT.finished(ctx.track)
         usage = ctx.usage or {}
         if ctx.reserved and ctx.key is not None and ctx.key.tpm:
             used = usage.get("total_tokens")
@@ -512,8 +515,9 @@ class Gateway:
                 ctx.note_usage(answer)
                 return Response(answer, status_code=status, media_type="application/json", headers=ctx.headers)
             inbox = await self._open_inbox_stream()
+            ctx.track = uuid.uuid4().hex
             gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=key,
-                                                           reply_to=inbox.reply_to if inbox else None)
+                                                           reply_to=inbox.reply_to if inbox else None, track=ctx.track)
             first = asyncio.ensure_future(gen.__anext__())
             try:
                 done, _ = await asyncio.wait({first}, timeout=HOLD_NOTICE_S)
@@ -571,7 +575,8 @@ class Gateway:
         on another replica if its replica dies before answering (nothing was sent yet, so the
         client sees one answer). Serve's router drops a dead replica when a call to it fails."""
         for attempt in (1, 2):
-            response = self.handles[spec.name].call.remote(endpoint, payload, route_key=key)
+            track = uuid.uuid4().hex
+            response = self.handles[spec.name].call.remote(endpoint, payload, route_key=key, track=track)
             task = asyncio.ensure_future(response)
             try:
                 status, answer = await self._await_held(task, spec, started)
@@ -589,6 +594,7 @@ class Gateway:
                     continue
                 raise self._upstream_error(spec.name, e) from e
             finally:
+                routing.IN_FLIGHT.finished(track)
                 if not task.done():
                     task.cancel()
                     response.cancel()

@@ -112,3 +112,28 @@ def test_route_key_by_policy():
     assert route_key("session", "completions", payload, {"x-session-id": "s1"}, 100) == "s1"
     assert route_key("session", "completions", payload, {}, 100) is None
     assert route_key("least-queue", "completions", payload, {"x-session-id": "s1"}, 100) is None
+
+
+def test_in_flight_view_counts_routed_until_finished():
+    from orchestrator.routing import InFlight
+
+    view = InFlight()
+    view.routed("a", "r1")
+    view.routed("b", "r1")
+    view.routed("c", "r2")
+    view.routed("a", "r2")  # a token is recorded once (a retry of the same call)
+    assert (view.load("r1"), view.load("r2"), view.load("r3")) == (2, 1, 0)
+    view.finished("a")
+    view.finished("a")  # finishing twice releases once
+    view.finished(None)
+    view.finished("unknown")
+    assert (view.load("r1"), view.load("r2")) == (1, 1)
+    view.finished("b")
+    view.finished("c")
+    assert (view.load("r1"), view.load("r2")) == (0, 0)
+    view.routed("d", "r1")
+    view.moved("d", "r2")  # the first choice refused it
+    view.moved("d", "r2")
+    assert (view.load("r1"), view.load("r2")) == (0, 1)
+    view.moved("e", "r1")  # recorded once routed (least-queue)
+    assert view.load("r1") == 1
