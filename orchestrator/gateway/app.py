@@ -535,11 +535,7 @@ class Gateway:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
                 )
             try:
-                status, media_type, direct = first.result()
-                if media_type == "text/event-stream":
-                    self.metrics.streams.labels(model, "direct" if direct else "ray").inc()
-                if not direct and inbox is not None:
-                    inbox.close()  # the replica streams through Ray (fallback)
+                status, media_type, body_inbox = self._started(model, first.result(), inbox)
                 if media_type != "text/event-stream":
                     answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     return Response(answer, status_code=status, media_type=media_type, headers=ctx.headers)
@@ -551,7 +547,7 @@ class Gateway:
                 raise self._upstream_error(model, e) from e
             handed_off = True
             return StreamingResponse(
-                self._relay(gen, model, endpoint, started, ctx, inbox if direct else None),
+                self._relay(gen, model, endpoint, started, ctx, body_inbox),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
             )
@@ -638,11 +634,7 @@ class Gateway:
                 yield f": waiting for a replica of '{model}' ({time.perf_counter() - started:.0f}s)\n\n".encode()
             hold.release()
             try:
-                code, media_type, direct = first.result()
-                if media_type == "text/event-stream":
-                    self.metrics.streams.labels(model, "direct" if direct else "ray").inc()
-                if not direct and inbox is not None:
-                    inbox.close()  # the replica streams through Ray (fallback)
+                code, media_type, body_inbox = self._started(model, first.result(), inbox)
                 if media_type != "text/event-stream":
                     body = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     status = str(code)
@@ -655,7 +647,7 @@ class Gateway:
                 yield _error_event(failure)
                 return
             relayed = True
-            async for chunk in self._relay(gen, model, endpoint, started, ctx, inbox if direct else None):
+            async for chunk in self._relay(gen, model, endpoint, started, ctx, body_inbox):
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -680,6 +672,18 @@ class Gateway:
             return errors.NoReadyReplica(f"The model '{model}' has no replica able to answer now; retry shortly")
         log.error("model %s: upstream error: %r", model, exc)
         return errors.OrchestratorError("The server had an error while processing your request.")
+
+    def _started(self, model: str, first: tuple[int, str, bool], inbox: wire.InboxStream | None
+                 ) -> tuple[int, str, wire.InboxStream | None]:
+        """A stream call's first item: (status, media type, the inbox its body comes to, or
+        None when it comes through Ray). Counts the stream by its transport."""
+        status, media_type, direct = first
+        if media_type == "text/event-stream":
+            self.metrics.streams.labels(model, "direct" if direct else "ray").inc()
+        if not direct and inbox is not None:
+            inbox.close()  # the replica streams through Ray (fallback)
+            inbox = None
+        return status, media_type, inbox
 
     async def _open_inbox_stream(self) -> wire.InboxStream | None:
         """A stream in this replica's inbox (started on first use), or None to take bodies
