@@ -52,7 +52,10 @@ def spec_stack(tmp_path_factory, tiny_model):
     ]}
     path = d / "fleet.yaml"
     path.write_text(yaml.safe_dump(fleet))
-    with run_stack(d, path) as s:
+    # This stack runs the other serving path: Serve's own proxy (no fast path, actor-call
+    # handles) and stream bodies through Ray (no direct channel), so the fallbacks see real
+    # traffic too (the streaming test checks they carried it).
+    with run_stack(d, path, env_extra={"SLM_SERVE_FAST_PATH": "0", "SLM_STREAM_TRANSPORT": "ray"}) as s:
         yield s
 
 
@@ -99,6 +102,16 @@ def test_greedy_streams_are_equal_too(client):
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     assert stream(SMOL_DRAFT) == stream(SMOL)
+
+
+def test_streams_took_the_fallback_path(http):
+    """This stack streams through Ray (SLM_STREAM_TRANSPORT=ray): none used the direct channel."""
+    transports: dict[str, float] = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            if s.name == "slm_streams_total" and s.labels["model"] in (SMOL, SMOL_DRAFT):
+                transports[s.labels["transport"]] = transports.get(s.labels["transport"], 0) + s.value
+    assert transports.get("ray", 0) >= 2 and transports.get("direct", 0) == 0, transports
 
 
 def test_greedy_text_with_ngram_speculation_equals_the_text_without(client):

@@ -54,10 +54,9 @@ def fuzz_stack(tmp_path_factory, tiny_model):
         ],
         "gateway": {"max_body_bytes": MAX_BODY},
     }
-    # This stack runs the other serving path: Serve's own proxy (no fast path) and stream
-    # bodies through Ray (no direct channel), so the fallbacks see real traffic too.
-    env = {"SLM_SERVE_FAST_PATH": "0", "SLM_STREAM_TRANSPORT": "ray"}
-    with run_stack(tmp_path_factory.mktemp("fuzz"), fleet, env_extra=env) as s:
+    # The default serving path (HAProxy, gRPC handles, the direct stream channel): 10 MB
+    # bodies cross gRPC here. The fallbacks get their traffic in test_engine_features.
+    with run_stack(tmp_path_factory.mktemp("fuzz"), fleet) as s:
         s.replicas = _all_replicas()
         yield s
         report = ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items()))
