@@ -429,6 +429,28 @@ def ratios(summary: dict[str, dict[int, dict[str, Any]]], base: str = "vllm", ot
     return out
 
 
+def paired_ratios(rounds: list[dict[str, Any]], base: str = "vllm", other: str = "gateway"
+                  ) -> dict[int, dict[str, Any]]:
+    """Per concurrency, each round's ``other``/``base`` tokens/s and TTFT p50 difference (the
+    two targets ran back to back in that round, so drift of the shared machine cancels
+    out more than in a ratio of medians), with their medians."""
+    out: dict[int, dict[str, Any]] = {}
+    for c in sorted({x["concurrency"] for x in rounds}):
+        tok, ttft = [], []
+        for r in sorted({x["round"] for x in rounds}):
+            a = next((x for x in rounds if x["round"] == r and x["concurrency"] == c and x["target"] == base), None)
+            b = next((x for x in rounds if x["round"] == r and x["concurrency"] == c and x["target"] == other), None)
+            if a is None or b is None:
+                continue
+            if a.get("output_tokens_per_s") and b.get("output_tokens_per_s") is not None:
+                tok.append(b["output_tokens_per_s"] / a["output_tokens_per_s"])
+            if a.get("ttft_p50_ms") is not None and b.get("ttft_p50_ms") is not None:
+                ttft.append(b["ttft_p50_ms"] - a["ttft_p50_ms"])
+        out[c] = {"tokens_per_s": tok, "tokens_per_s_median": statistics.median(tok) if tok else None,
+                  "ttft_p50_diff_ms": ttft, "ttft_p50_diff_ms_median": statistics.median(ttft) if ttft else None}
+    return out
+
+
 def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -471,12 +493,17 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(r.get('foreign_cpu'), '.0%') if s['pin'] else '-'} | {_fmt(r.get('client_cpu'), '.0%')} |")
     lines += [
         "",
-        "| concurrency | tok/s gateway / vLLM | req/s gateway / vLLM | TTFT p50 gateway - vLLM (ms) |",
-        "|---:|---:|---:|---:|",
+        "| concurrency | tok/s gateway / vLLM | req/s gateway / vLLM | TTFT p50 gateway - vLLM (ms) "
+        "| per round: tok/s ratio, median (each round) | per round: TTFT added, median |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
+    paired = result.get("paired") or {}
     for c, r in sorted(result["ratios"].items()):
+        p = paired.get(c) or paired.get(str(c)) or {}
+        each = ", ".join(f"{x:.2f}" for x in p.get("tokens_per_s") or [])
         lines.append(f"| {c} | {_fmt(r['tokens_per_s'], '.2f', 'x')} | {_fmt(r['requests_per_s'], '.2f', 'x')} | "
-                     f"{_fmt(r['ttft_p50_diff_ms'], '+.1f')} |")
+                     f"{_fmt(r['ttft_p50_diff_ms'], '+.1f')} | {_fmt(p.get('tokens_per_s_median'), '.2f', 'x')}"
+                     f"{f' ({each})' if each else ''} | {_fmt(p.get('ttft_p50_diff_ms_median'), '+.1f')} |")
     notes = result.get("notes") or []
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
@@ -774,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "summary": summary,
         "ratios": ratios(summary),
+        "paired": paired_ratios(rounds),
         "notes": notes,
         "elapsed_s": time.monotonic() - started,
     }

