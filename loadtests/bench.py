@@ -12,14 +12,15 @@ that off). The workload is closed-loop streaming chat completions (prompts of
 ``--prompt-words`` random vocabulary words from a fixed seed, ``--max-tokens`` output
 tokens with ``ignore_eos``, temperature 0) at each ``--concurrency``: a short warm-up,
 then ``--requests-per-level`` measured requests. Each round measures every level on both
-targets, alternating which goes first; the tables show medians over ``--rounds``.
+targets, alternating which goes first; the tables show medians over ``--rounds`` and
+the median of the per-round ratios.
 
 The idle server is not free: it shares core 0 (vLLM's workers spin ~1 s after their last
 request; Ray's processes and the gateway's background tasks tick all the time). Each
 measurement records the CPU the other server used meanwhile ("idle other CPU"), the load
 of core 0 and the load generator's own CPU, so the numbers can be judged.
 
-    python -m loadtests.bench [--concurrency 1,8,32] [--rounds 3] [--requests-per-level N]
+    python -m loadtests.bench [--concurrency 1,8,32] [--rounds 5] [--requests-per-level N]
                               [--max-tokens 64] [--out .cache/bench] [--no-pin]
 
 Writes ``bench.json``, ``bench.md`` (also printed) and ``tokens_per_s.png``/``ttft_p50.png``
@@ -682,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="The load generator alone: python -m loadtests.bench client --help")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests-per-level", type=int, help="measured requests per level (default: "
                         "8 x concurrency, at least 16)")
     parser.add_argument("--warmup", type=int, help="warm-up requests per level (default: the concurrency, at least 2)")

@@ -45,6 +45,7 @@ _STATUS_CACHE_S = 1.0
 # the response head and an SSE comment every KEEPALIVE_S until a replica takes it.
 HOLD_NOTICE_S = 1.0
 KEEPALIVE_S = 5.0
+CALL_END_GRACE_S = 10.0  # a direct stream's call may end this long after its body did
 # How often a held non-streaming request re-checks its model's readiness.
 HOLD_CHECK_S = 1.0
 COLD_START_RETRY_AFTER_S = 10
@@ -712,12 +713,20 @@ class Gateway:
 
         watcher = asyncio.ensure_future(_drain_call(gen))
         watcher.add_done_callback(finished)
+        ended = False
         try:
             while (data := await inbox.read()) is not None:
                 yield data
+            ended = True
         finally:
             if not watcher.done():
-                watcher.cancel()
+                if ended:
+                    # The body is complete and its call ends right after it: let it end
+                    # (cancelling would count a finished request as cancelled in Serve and
+                    # cost both replicas a cancellation); only a call that hangs is cut.
+                    asyncio.get_running_loop().call_later(CALL_END_GRACE_S, watcher.cancel)
+                else:
+                    watcher.cancel()
 
     async def _relay(self, gen, model: str, endpoint: str, started: float, ctx: _RequestContext,
                      inbox: wire.InboxStream | None = None):
