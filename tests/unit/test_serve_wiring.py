@@ -106,3 +106,29 @@ def test_publish_sends_a_snapshot_to_the_fleet_state():
     assert model == "m" and snap["queue_depth"] == 2.0
     assert snap["replicas"] == {"running": 1, "starting": 0, "target": 1}
     assert snap["last_decision"]["direction"] == "hold" and "queue 2" in snap["last_decision"]["reason"]
+
+
+def _fleet(**gateway):
+    return parse_fleet({"models": [{"name": "m", "source": "/models/m"}], "gateway": gateway}, "test")
+
+
+def test_serve_environment_fast_path_grpc_cap_and_lean_local_ray():
+    from orchestrator.cli import serve_environment
+
+    env = serve_environment(_fleet(), {})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    assert env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(256 * 1024 * 1024)
+    assert env["RAY_enable_metrics_collection"] == env["RAY_task_events_report_interval_ms"] == "0"
+    # a gateway taking 512 MiB bodies gets room for them over gRPC
+    big = serve_environment(_fleet(max_body_bytes=512 * 1024**2), {})
+    assert int(big["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) > 2 * 512 * 1024**2
+    # explicit values win (not returned, so not overwritten)
+    mine = serve_environment(_fleet(), {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_event_stats": "1"})
+    assert "RAY_SERVE_USE_GRPC_BY_DEFAULT" not in mine and "RAY_event_stats" not in mine
+    # fast path off: Serve's defaults; joining a cluster, or asking for Ray's observability:
+    # Ray's own settings stay
+    off = serve_environment(_fleet(), {"SLM_SERVE_FAST_PATH": "0"})
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in off and "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH" not in off
+    for environ in ({"RAY_ADDRESS": "ray://head:10001"}, {"SLM_RAY_OBSERVABILITY": "1"}):
+        assert "RAY_enable_metrics_collection" not in serve_environment(_fleet(), environ)
+    assert serve_environment(_fleet(), {})["RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S"] == "90"
