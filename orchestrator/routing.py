@@ -4,10 +4,9 @@ Four policies, chosen per model by ``routing.policy``, each a Ray Serve custom r
 router (``ray.serve.request_router.RequestRouter``) that runs inside the gateway, where
 the model's deployment handle lives:
 
-* ``least-queue``: the replica with the fewest outstanding requests. A replica's load is
-  the larger of Serve's per-handle queue-length cache (replica-reported counts) and this
-  gateway's own count of requests it sent there and has not seen finish (``InFlight``),
-  which follows every request whatever transport the handles use.
+* ``least-queue``: the replica with the fewest outstanding requests. Loads come from
+  Serve's per-handle queue-length cache (replica-reported counts, updated as this
+  gateway sends and completes requests; probed when stale), so they are fresh.
 * ``prefix-affinity``: consistent hashing of the prompt's leading characters, with bounded
   load (Mirrokni et al., "Consistent Hashing with Bounded Loads"): a request goes to the
   first replica on its hash ring whose load stays within ``load_factor`` x the mean, so

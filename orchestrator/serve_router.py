@@ -48,10 +48,14 @@ class SlmRequestRouter(FIFOMixin, RequestRouter):
             routing.SPILLS.labels(self.model, self.policy).inc()
         replicas = [by_id[rid] for rid in order]
         track = pending_request.kwargs.get("track") if pending_request is not None else None
-        if track:
-            # Count it now: the next choice of a burst must see it. Serve's own cache does
-            # not follow requests sent over gRPC handles (the fast path's transport).
+        if track and self.policy != "least-queue":
+            # Count it now: the next choice of a burst must see it (Serve's own cache may
+            # not, depending on the handles' transport). least-queue lets Serve pick within
+            # the rank, so it is recorded once routed.
             routing.IN_FLIGHT.routed(track, order[0])
+        if self.policy == "least-queue":
+            # Serve takes the least-loaded replica of a rank, from its cache or fresh probes.
+            return [replicas]
         # The preferred replica first; if it cannot take the request (full), the rest.
         return [replicas[:1], replicas[1:]] if len(replicas) > 1 else [replicas]
 

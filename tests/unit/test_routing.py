@@ -135,5 +135,5 @@ def test_in_flight_view_counts_routed_until_finished():
     view.moved("d", "r2")  # the first choice refused it
     view.moved("d", "r2")
     assert (view.load("r1"), view.load("r2")) == (0, 1)
-    view.moved("e", "r1")  # heard of only once routed
+    view.moved("e", "r1")  # recorded once routed (least-queue)
     assert view.load("r1") == 1
