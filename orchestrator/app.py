@@ -65,8 +65,6 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
                 "policy": spec.routing.policy,
                 "load_factor": spec.routing.load_factor,
             },
-            "request_routing_stats_period_s": 2,
-            "request_routing_stats_timeout_s": 2,
         },
         "max_ongoing_requests": spec.max_ongoing_requests,
         "health_check_period_s": 10,

@@ -4,9 +4,8 @@ Four policies, chosen per model by ``routing.policy``, each a Ray Serve custom r
 router (``ray.serve.request_router.RequestRouter``) that runs inside the gateway, where
 the model's deployment handle lives:
 
-* ``least-queue``: the replica with the fewest outstanding requests. Loads come from
-  Serve's per-handle queue-length cache (replica-reported counts, updated as this
-  gateway sends and completes requests; probed when stale), so they are fresh.
+* ``least-queue``: the replica with the fewest outstanding requests. Loads come from the
+  gateway's own count of what it sent and has not seen finish (``InFlight``).
 * ``prefix-affinity``: consistent hashing of the prompt's leading characters, with bounded
   load (Mirrokni et al., "Consistent Hashing with Bounded Loads"): a request goes to the
   first replica on its hash ring whose load stays within ``load_factor`` x the mean, so
@@ -52,25 +51,43 @@ _VNODES = 64
 
 
 class InFlight:
-    """Requests this process sent to each replica and has not seen finish: the routers' own
-    load view. Serve's queue-length cache is kept by its transport's completion callbacks;
-    this one is kept by the gateway, which knows when a body ended (its END frame, its
-    call's return, its client leaving), so it holds whichever transport handles use.
+    """The routers' load view of each replica: requests this process sent to it and has not
+    seen finish.
+
+    Replica-reported counts are not used, because over gRPC handles (the fast path's
+    transport) every one of them was stale when read (measured with a burst of 16 and
+    then 12 requests on two replicas):
+    * Serve's per-handle queue-length cache is not brought back down by its completion
+      callbacks: a replica that had finished all 16 of a burst's requests stayed at 15
+      until the entry expired 10 s later, so every choice in that window avoided it.
+    * The count a replica returns as it accepts a request arrives with the end of a
+      non-streaming call, not its start, so what it said about other callers was seconds
+      old (it showed 11 queued on a replica that had finished them all).
+    * Periodic routing stats, read between two polls, showed 9-15 queued on a replica
+      that had just finished a burst, while the other showed this exact count, so every
+      request of the next wave went to the other.
+    The gateway knows when a body ended (its END frame, its call's return, its client
+    leaving), so its count holds whichever transport handles use. Several gateway
+    replicas each see their own requests only (as each instance of vLLM's router does).
 
     The gateway tags each call with a ``track`` token; the router records the replica it
     chooses for that token as it chooses (``routed``, so a burst's later choices see the
     earlier ones), corrects it if another replica took the request (``moved``), and the
-    gateway releases it (``finished``). Called from the router's loop and the gateway's,
-    hence the lock."""
+    gateway releases it (``finished``). A token finished before its request was routed
+    (its client left while it waited) is remembered, so a late ``routed`` or ``moved``
+    cannot count it again. Called from the routers' loop and the gateway's, hence the lock."""
+
+    _REMEMBER_DONE = 4096
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: dict[str, str] = {}
         self._count: dict[str, int] = {}
+        self._done: dict[str, None] = {}  # recently finished tokens, oldest first
 
     def routed(self, token: str, replica: str) -> None:
         with self._lock:
-            if token in self._owner:
+            if token in self._owner or token in self._done:
                 return
             self._owner[token] = replica
             self._count[replica] = self._count.get(replica, 0) + 1
@@ -79,10 +96,12 @@ class InFlight:
         """The request went to ``replica`` after all (its first choice refused it)."""
         with self._lock:
             old = self._owner.get(token)
-            if old == replica:
+            if old == replica or token in self._done:
                 return
-        self.finished(token)
-        self.routed(token, replica)
+            if old is not None:
+                self._release(old)
+            self._owner[token] = replica
+            self._count[replica] = self._count.get(replica, 0) + 1
 
     def finished(self, token: str | None) -> None:
         if token is None:
@@ -90,13 +109,20 @@ class InFlight:
         with self._lock:
             replica = self._owner.pop(token, None)
             if replica is not None:
-                left = self._count.get(replica, 0) - 1
-                if left > 0:
-                    self._count[replica] = left
-                else:
-                    self._count.pop(replica, None)
+                self._release(replica)
+            self._done[token] = None
+            if len(self._done) > self._REMEMBER_DONE:
+                del self._done[next(iter(self._done))]
+
+    def _release(self, replica: str) -> None:
+        left = self._count.get(replica, 0) - 1
+        if left > 0:
+            self._count[replica] = left
+        else:
+            self._count.pop(replica, None)
 
     def load(self, replica: str) -> int:
+        """This process's requests in flight to ``replica``."""
         return self._count.get(replica, 0)
 
 

@@ -433,10 +433,6 @@ class ModelServer:
         """Serve's autoscaling hook: the engine's queue depth feeds ``QueueDepthPolicy``."""
         return self.load.stats()
 
-    def record_routing_stats(self) -> dict[str, float]:
-        """Serve's routing hook: what ``SlmRequestRouter`` sees of this replica between probes."""
-        return self.load.stats()
-
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""
         await self.engine.check_health()

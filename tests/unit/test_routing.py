@@ -137,3 +137,17 @@ def test_in_flight_view_counts_routed_until_finished():
     assert (view.load("r1"), view.load("r2")) == (0, 1)
     view.moved("e", "r1")  # recorded once routed (least-queue)
     assert view.load("r1") == 1
+
+
+def test_a_request_finished_before_it_was_routed_is_not_counted_later():
+    from orchestrator.routing import InFlight
+
+    view = InFlight()
+    view.finished("gone")  # the client left while its request waited for a replica
+    view.routed("gone", "r1")  # the router gets to it afterwards
+    view.moved("gone", "r2")
+    assert (view.load("r1"), view.load("r2")) == (0, 0)
+    view.routed("x", "r1")
+    view.finished("x")
+    view.moved("x", "r2")  # a late acceptance notice
+    assert (view.load("r1"), view.load("r2")) == (0, 0)

@@ -116,14 +116,14 @@ def test_serve_environment_fast_path_grpc_cap_and_lean_local_ray():
     from orchestrator.cli import serve_environment
 
     env = serve_environment(_fleet(), {})
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
     assert env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(256 * 1024 * 1024)
     assert env["RAY_enable_metrics_collection"] == env["RAY_task_events_report_interval_ms"] == "0"
     # a gateway taking 512 MiB bodies gets room for them over gRPC
     big = serve_environment(_fleet(max_body_bytes=512 * 1024**2), {})
     assert int(big["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) > 2 * 512 * 1024**2
     # explicit values win (not returned, so not overwritten)
-    mine = serve_environment(_fleet(), {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_event_stats": "1"})
+    mine = serve_environment(_fleet(), {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "RAY_event_stats": "1"})
     assert "RAY_SERVE_USE_GRPC_BY_DEFAULT" not in mine and "RAY_event_stats" not in mine
     # fast path off: Serve's defaults; joining a cluster, or asking for Ray's observability:
     # Ray's own settings stay
