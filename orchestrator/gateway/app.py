@@ -118,6 +118,28 @@ async def _drain_call(gen) -> None:
         pass
 
 
+class _GuardedStream(StreamingResponse):
+    """A stream response whose ``abandoned`` callback runs if its body never started.
+
+    Cancelled before its first step (the client left while the response head was being
+    sent), an async generator is dropped without running its ``finally``, which is where a
+    stream cancels its call (vLLM would otherwise generate the whole answer for nobody)
+    and releases its bookkeeping (the routers' in-flight count, which would otherwise
+    keep that replica looking one request busier for good)."""
+
+    def __init__(self, content, ctx: _RequestContext, abandoned, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._ctx = ctx
+        self._abandoned = abandoned
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._ctx.body_started:
+                self._abandoned()
+
+
 def _app_name() -> str | None:
     try:
         from ray import serve
@@ -144,6 +166,7 @@ class _RequestContext:
     body: Any = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     track: str | None = None  # the stream's token in the routers' in-flight view
+    body_started: bool = False  # the stream's body generator ran (its finally will clean up)
 
     def note_usage(self, data: bytes) -> None:
         """Keep the ``usage`` object of an answer or stream chunk, if it has one."""
@@ -530,8 +553,9 @@ class Gateway:
                 # No replica has taken it yet (cold model, or all replicas busy): answer
                 # now and keep the connection alive while it waits.
                 handed_off = True
-                return StreamingResponse(
-                    self._held_stream(first, gen, spec, endpoint, started, ctx, inbox),
+                return _GuardedStream(
+                    self._held_stream(first, gen, spec, endpoint, started, ctx, inbox), ctx,
+                    lambda: self._abandon(ctx, model, endpoint, gen, inbox, first),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
                 )
@@ -547,8 +571,9 @@ class Gateway:
                 gen.cancel()
                 raise self._upstream_error(model, e) from e
             handed_off = True
-            return StreamingResponse(
-                self._relay(gen, model, endpoint, started, ctx, body_inbox),
+            return _GuardedStream(
+                self._relay(gen, model, endpoint, started, ctx, body_inbox), ctx,
+                lambda: self._abandon(ctx, model, endpoint, gen, body_inbox),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
             )
@@ -615,6 +640,7 @@ class Gateway:
     async def _held_stream(self, first: asyncio.Future, gen, spec: ModelSpec, endpoint: str, started: float,
                            ctx: _RequestContext, inbox: wire.InboxStream | None):
         """A stream waiting for a replica: SSE comments until it starts, then the stream."""
+        ctx.body_started = True
         model = spec.name
         relayed = False
         status = "200"
@@ -666,6 +692,20 @@ class Gateway:
                 self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
                 ctx.status = status
                 self._finish(ctx)
+
+    def _abandon(self, ctx: _RequestContext, model: str, endpoint: str, gen, inbox: wire.InboxStream | None,
+                 first: asyncio.Future | None = None) -> None:
+        """What a stream's generator does as it ends, for one that never started."""
+        if first is not None and not first.done():
+            first.cancel()
+        gen.cancel()
+        if inbox is not None:
+            inbox.close()
+        self.metrics.in_flight.labels(model).dec()
+        self.metrics.requests.labels(model, endpoint, "cancelled").inc()
+        self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - ctx.started)
+        ctx.status = "cancelled"
+        self._finish(ctx)
 
     def _upstream_error(self, model: str, exc: BaseException) -> errors.OrchestratorError:
         if _is_replica_failure(exc):
@@ -732,6 +772,7 @@ class Gateway:
                      inbox: wire.InboxStream | None = None):
         """Pass the replica's SSE bytes through (from the inbox when the replica streams
         directly, else from the Ray call); on a mid-stream failure, end cleanly."""
+        ctx.body_started = True
         status = "200"
         first = True
         try:
