@@ -32,6 +32,19 @@ async def _receive():
     await asyncio.sleep(3600)
 
 
+def _run_then_cancel(response, send) -> None:
+    """Serve ``response`` until it stalls in ``send``, then cancel it (the server does so
+    when its client leaves)."""
+    async def run():
+        task = asyncio.ensure_future(response(SCOPE, _receive, send))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+
+
 def test_a_body_that_ran_cleans_up_in_its_own_finally():
     ctx, cleaned, sent = _ctx(), [], []
 
@@ -58,16 +71,9 @@ def test_a_stream_cancelled_while_sending_its_head_still_releases_the_stream():
     ctx, cleaned = _ctx(), []
 
     async def send(message):
-        await asyncio.sleep(3600)  # a stalled client; the server cancels the request
+        await asyncio.sleep(3600)  # a stalled client, at the response head
 
-    async def run():
-        task = asyncio.ensure_future(_stream(ctx, cleaned)(SCOPE, _receive, send))
-        await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
+    _run_then_cancel(_stream(ctx, cleaned), send)
     assert cleaned == ["abandoned"]
 
 
@@ -80,12 +86,5 @@ def test_a_stream_cancelled_mid_body_is_cleaned_up_once_by_its_generator():
         if len(sent) == 2:  # after the first chunk
             await asyncio.sleep(3600)
 
-    async def run():
-        task = asyncio.ensure_future(_stream(ctx, cleaned)(SCOPE, _receive, send))
-        await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
+    _run_then_cancel(_stream(ctx, cleaned), send)
     assert cleaned == ["generator"]
