@@ -89,8 +89,7 @@ class InFlight:
         with self._lock:
             if token in self._owner or token in self._done:
                 return
-            self._owner[token] = replica
-            self._count[replica] = self._count.get(replica, 0) + 1
+            self._take(token, replica)
 
     def moved(self, token: str, replica: str) -> None:
         """The request went to ``replica`` after all (its first choice refused it)."""
@@ -100,8 +99,7 @@ class InFlight:
                 return
             if old is not None:
                 self._release(old)
-            self._owner[token] = replica
-            self._count[replica] = self._count.get(replica, 0) + 1
+            self._take(token, replica)
 
     def finished(self, token: str | None) -> None:
         if token is None:
@@ -113,6 +111,10 @@ class InFlight:
             self._done[token] = None
             if len(self._done) > self._REMEMBER_DONE:
                 del self._done[next(iter(self._done))]
+
+    def _take(self, token: str, replica: str) -> None:
+        self._owner[token] = replica
+        self._count[replica] = self._count.get(replica, 0) + 1
 
     def _release(self, replica: str) -> None:
         left = self._count.get(replica, 0) - 1

@@ -528,8 +528,7 @@ class Gateway:
         started = ctx.started
         model = spec.name
         key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars)
-        gauge = self.metrics.in_flight.labels(model)
-        gauge.inc()
+        self.metrics.in_flight.labels(model).inc()
         handed_off = False
         status: int | str = 500
         inbox: wire.InboxStream | None = None
@@ -583,13 +582,7 @@ class Gateway:
             raise
         finally:
             if not handed_off:
-                if inbox is not None:
-                    inbox.close()
-                gauge.dec()
-                self.metrics.requests.labels(model, endpoint, str(status)).inc()
-                self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
-                ctx.status = status
-                self._finish(ctx)
+                self._end_request(ctx, model, endpoint, status, inbox)
 
     async def _call(self, spec: ModelSpec, endpoint: str, payload: dict[str, Any], key: str | None,
                     started: float) -> tuple[int, bytes]:
@@ -684,14 +677,8 @@ class Gateway:
             if not first.done():
                 first.cancel()
                 gen.cancel()
-            if inbox is not None and not relayed:
-                inbox.close()
             if not relayed:
-                self.metrics.in_flight.labels(model).dec()
-                self.metrics.requests.labels(model, endpoint, status).inc()
-                self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
-                ctx.status = status
-                self._finish(ctx)
+                self._end_request(ctx, model, endpoint, status, inbox)
 
     def _abandon(self, ctx: _RequestContext, model: str, endpoint: str, gen, inbox: wire.InboxStream | None,
                  first: asyncio.Future | None = None) -> None:
@@ -699,12 +686,18 @@ class Gateway:
         if first is not None and not first.done():
             first.cancel()
         gen.cancel()
+        self._end_request(ctx, model, endpoint, "cancelled", inbox)
+
+    def _end_request(self, ctx: _RequestContext, model: str, endpoint: str, status: int | str,
+                     inbox: wire.InboxStream | None = None) -> None:
+        """A served request's end, however it ended: its inbox stream closed, its metrics
+        counted (``status``: an HTTP code or "cancelled"), its bookkeeping released."""
         if inbox is not None:
             inbox.close()
         self.metrics.in_flight.labels(model).dec()
-        self.metrics.requests.labels(model, endpoint, "cancelled").inc()
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
         self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - ctx.started)
-        ctx.status = "cancelled"
+        ctx.status = status
         self._finish(ctx)
 
     def _upstream_error(self, model: str, exc: BaseException) -> errors.OrchestratorError:
@@ -791,13 +784,7 @@ class Gateway:
             log.warning("model %s: stream broke: %r", model, e)
             yield _error_event(errors.NoReadyReplica("The model server stopped while streaming; retry the request."))
         finally:
-            if inbox is not None:
-                inbox.close()
-            self.metrics.in_flight.labels(model).dec()
-            self.metrics.requests.labels(model, endpoint, status).inc()
-            self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)
-            ctx.status = int(status) if status.isdigit() else status
-            self._finish(ctx)
+            self._end_request(ctx, model, endpoint, status, inbox)
 
     # -- operations -------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ HTTP_KEEP_ALIVE_S = 90
 # loop, Serve's request logs go to files only (buffered) and the GC is frozen after start.
 # Handles call replicas over gRPC (one gRPC stream per request instead of Ray's actor
 # call, its task events and futures): ~100 -> ~75 us of gateway CPU per token at 32
-# streams, +8-12 -> +5-6 ms TTFT at one. The routers keep their own load view
+# streams, +12.1 -> +8.6 ms TTFT p50 at one (5-round bench). The routers keep their own load view
 # (orchestrator.routing.InFlight): Serve's queue-length cache does not come back down
 # over gRPC. The message cap below lifts gRPC's 4 MB default (a 10 MB request failed
 # with a 500). Stream bodies bypass the handle either way (orchestrator.wire).
