@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.llm_metrics import SSEParser
 from loadtests.stack import metric_values, serve
 
 POLICIES = ["round-robin", "least-queue", "prefix-affinity"]
@@ -59,14 +60,16 @@ async def one(client: httpx.AsyncClient, model: str, messages: list[dict], max_t
             "temperature": 0, "stream_options": {"include_usage": True}}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
-                ttft = time.perf_counter() - started
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+        # Not aiter_lines(): it also splits on U+0085/U+2028, which JSON leaves unescaped in strings.
+        parser = SSEParser()
+        async for chunk in r.aiter_bytes():
+            for event in parser.feed(chunk):
+                if event.kind == "error":
+                    raise RuntimeError(f"stream failed: {event.error}")
+                if ttft is None and event.text:
+                    ttft = time.perf_counter() - started
+                if event.completion_tokens is not None:
+                    tokens = event.completion_tokens
     return (ttft if ttft is not None else time.perf_counter() - started), tokens
 
 

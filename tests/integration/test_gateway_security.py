@@ -16,6 +16,7 @@ import openai
 import pytest
 import yaml
 from conftest import processes, replica_pids, run_stack
+from sse import sse_lines
 
 pytestmark = pytest.mark.integration
 
@@ -185,7 +186,7 @@ def _stream(url: str, model: str, max_tokens: int) -> dict:
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600,
                       headers={"Authorization": f"Bearer {OPS_KEY}"}) as r:
         out["status"] = r.status_code
-        for line in r.iter_lines():
+        for line in sse_lines(r):
             if line == "data: [DONE]":
                 out["done"] = True
             elif line.startswith("data: "):

@@ -15,6 +15,7 @@ import openai
 import pytest
 from openai_schema import check, check_error
 from prometheus_client.parser import text_string_to_metric_families
+from sse import sse_lines
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -259,7 +260,7 @@ def test_client_disconnect_aborts_the_engine_request(stack, http):
     with httpx.Client(base_url=stack.url, timeout=60) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         got = 0
-        for line in r.iter_lines():
+        for line in sse_lines(r):
             if line.startswith("data: "):
                 got += 1
             if got >= 5:
