@@ -129,13 +129,13 @@ def test_reset_format(seconds, text):
 
 
 def test_token_estimate_and_usage_sniffing():
-    from orchestrator.gateway.app import DEFAULT_RESERVED_OUTPUT_TOKENS, _estimate_tokens, _RequestContext
+    from orchestrator.gateway.admission import DEFAULT_RESERVED_OUTPUT_TOKENS, RequestContext, estimate_tokens
 
     chat = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
-    assert 100 <= _estimate_tokens(chat) - 50 <= 130
-    assert _estimate_tokens({"prompt": "abcd" * 10}) == 11 + DEFAULT_RESERVED_OUTPUT_TOKENS
-    assert _estimate_tokens({"input": "abcd" * 10}) == 11  # embeddings produce no tokens
-    ctx = _RequestContext("id", False, "chat", 0.0)
+    assert 100 <= estimate_tokens(chat) - 50 <= 130
+    assert estimate_tokens({"prompt": "abcd" * 10}) == 11 + DEFAULT_RESERVED_OUTPUT_TOKENS
+    assert estimate_tokens({"input": "abcd" * 10}) == 11  # embeddings produce no tokens
+    ctx = RequestContext("id", False, "chat", 0.0)
     ctx.note_usage(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n')
     assert ctx.usage is None
     ctx.note_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, '
