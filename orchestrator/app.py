@@ -1,4 +1,5 @@
-"""Build the Ray Serve application for a fleet: one deployment per model plus the gateway.
+"""Build the Ray Serve applications for a fleet: one deployment per model plus the gateway,
+and for each model with ``fast_lane`` an application of its own whose replicas answer HTTP.
 
 The same builder runs locally (``slm serve``) and in a cluster, where a RayService's
 ``serveConfigV2`` names it as ``import_path: orchestrator.app:build_app`` with the fleet
@@ -9,6 +10,11 @@ tree as ``args``::
         import_path: orchestrator.app:build_app
         route_prefix: /
         args: {models: [...], gateway: {...}}
+
+A model with ``fast_lane: true`` is deployed in its own application instead
+(``applications(fleet)`` lists them all): its replicas are that application's ingress, so
+HAProxy proxies ``/models/<name>/v1/...`` straight to them, while the gateway reaches the same
+deployment for ``/v1`` through a handle across applications.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from orchestrator.engine.args import accelerator
 from orchestrator.spec import FleetSpec, ModelSpec, parse_fleet
 
 APP_NAME = "slm"
+APP_IMPORT_PATH = "orchestrator.app:build_app"
+LANE_IMPORT_PATH = "orchestrator.app:build_lane_app"
+LANE_PREFIX = "/models"
 GATEWAY_DEPLOYMENT = "gateway"
 METRICS_INTERVAL_S = 0.5
 LOOK_BACK_PERIOD_S = 2.0
@@ -32,6 +41,34 @@ def deployment_name(model_name: str) -> str:
     if safe != model_name:
         safe += "-" + hashlib.sha1(model_name.encode()).hexdigest()[:6]
     return f"model-{safe}"
+
+
+def lane_slug(model_name: str) -> str:
+    """The URL path segment of a model's fast lane (model names may hold ``/`` and ``:``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
+    if safe != model_name:
+        safe += "-" + hashlib.sha1(model_name.encode()).hexdigest()[:6]
+    return safe
+
+
+def lane_app_name(model_name: str) -> str:
+    return f"{APP_NAME}-lane-{lane_slug(model_name)}"
+
+
+def lane_route_prefix(model_name: str) -> str:
+    """Where a model's fast lane answers: ``<prefix>/v1/chat/completions`` and so on."""
+    return f"{LANE_PREFIX}/{lane_slug(model_name)}"
+
+
+def applications(fleet_data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fleet's Serve applications as serveConfigV2 entries: the gateway's, then one per
+    fast-lane model (each built from the whole fleet, for its keys and limits)."""
+    apps = [{"name": APP_NAME, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": fleet_data}]
+    for model in fleet_data.get("models") or ():
+        if isinstance(model, dict) and model.get("fast_lane") is True:
+            apps.append({"name": lane_app_name(model["name"]), "route_prefix": lane_route_prefix(model["name"]),
+                         "import_path": LANE_IMPORT_PATH, "args": {"fleet": fleet_data, "model": model["name"]}})
+    return apps
 
 
 def replica_options(spec: ModelSpec) -> dict[str, Any]:
@@ -55,7 +92,8 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
             "target_ongoing_requests": scaling.target_queue_depth,
             "policy": {
                 "policy_function": "orchestrator.autoscaling.serve_policy:QueueDepthPolicy",
-                "policy_kwargs": {"model": spec.name, "limits": scaling.model_dump(mode="json")},
+                "policy_kwargs": {"model": spec.name, "limits": scaling.model_dump(mode="json"),
+                                  "fleet_app": APP_NAME},
             },
         },
         "request_router_config": {
@@ -108,14 +146,39 @@ def build_app(args: dict[str, Any] | FleetSpec):
     model_deployment = serve.deployment(ModelServer)
     handles = {}
     names = {}
+    lanes = {}
     for spec in fleet.models:
         opts = replica_options(spec)
         names[spec.name] = opts["name"]
-        handles[spec.name] = model_deployment.options(**opts).bind(spec.model_dump(mode="json"))
+        if spec.fast_lane:
+            lanes[spec.name] = lane_app_name(spec.name)  # deployed by build_lane_app
+        else:
+            handles[spec.name] = model_deployment.options(**opts).bind(spec.model_dump(mode="json"))
     gateway = serve.deployment(serve.ingress(api)(Gateway)).options(
         name=GATEWAY_DEPLOYMENT,
         num_replicas=fleet.gateway.replicas,
         max_ongoing_requests=100_000,
         ray_actor_options={"num_cpus": 0},
     )
-    return gateway.bind(fleet.model_dump(mode="json"), handles, names)
+    return gateway.bind(fleet.model_dump(mode="json"), handles, names, lanes)
+
+
+def build_lane_app(args: dict[str, Any]):
+    """A fast-lane model's application: its deployment as the ingress. ``args``:
+    ``{"fleet": <the fleet tree>, "model": <name>}``."""
+    from ray import serve
+
+    from orchestrator.engine.lane import LaneServer
+
+    if not isinstance(args, dict) or "fleet" not in args or "model" not in args:
+        raise ValueError("build_lane_app args: {fleet: <the fleet>, model: <a model name in it>}")
+    fleet = parse_fleet(args["fleet"], "serve application args.fleet")
+    spec = fleet.model(args["model"])
+    if spec is None or not spec.fast_lane:
+        raise ValueError(f"build_lane_app: {args['model']!r} is not a fast-lane model of the fleet")
+    opts = replica_options(spec)
+    # Serve refuses a custom request router on an ingress behind HAProxy (HAProxy balances
+    # HTTP by least connections); the gateway's /v1 calls to it use Serve's default router.
+    opts.pop("request_router_config")
+    return serve.deployment(LaneServer).options(**opts).bind(
+        spec.model_dump(mode="json"), fleet.model_dump(mode="json"), APP_NAME)

@@ -69,9 +69,11 @@ def _resolve_sources(fleet: FleetSpec, origin: str) -> None:
         raise FleetValidationError(origin, problems)
 
 
-def _replica_summary(app_status, names: dict[str, str]) -> str:
+def _replica_summary(apps: dict, names: dict[str, tuple[str, str]]) -> str:
+    """``names``: model -> (its application, its deployment)."""
     parts = []
-    for model, dep in names.items():
+    for model, (app_name, dep) in names.items():
+        app_status = apps.get(app_name)
         d = app_status.deployments.get(dep) if app_status else None
         states = {str(getattr(k, "value", k)): v for k, v in (d.replica_states if d else {}).items()}
         parts.append(f"{model}: {states.get('RUNNING', 0)} running, {states.get('STARTING', 0)} starting")
@@ -149,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from orchestrator.app import APP_NAME, build_app, deployment_name
+    from orchestrator.app import APP_NAME, applications, build_app, build_lane_app, deployment_name, lane_app_name
     from orchestrator.engine.args import accelerator
 
     address = os.environ.get("RAY_ADDRESS")
@@ -177,27 +179,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port})
-        names = {m.name: deployment_name(m.name) for m in fleet.models}
+        names = {m.name: (lane_app_name(m.name) if m.fast_lane else APP_NAME, deployment_name(m.name))
+                 for m in fleet.models}
+        apps = applications(fleet.model_dump(mode="json"))
+        builders = {APP_NAME: build_app}
         serve.run_many(
-            [RunTarget(target=build_app(fleet), name=APP_NAME, route_prefix="/")],
+            [RunTarget(target=builders.get(a["name"], build_lane_app)(a["args"]), name=a["name"],
+                       route_prefix=a["route_prefix"]) for a in apps],
             wait_for_applications_running=False,
         )
         _say(f"deploying {len(fleet.models)} models (engines take ~30 s each to start)")
         started = time.monotonic()
         last = ""
         while not stop["now"]:
-            app = serve.status().applications.get(APP_NAME)
-            state = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
-            summary = _replica_summary(app, names)
-            if state == "RUNNING":
+            statuses = serve.status().applications
+            states = {a["name"]: (str(getattr(statuses[a["name"]].status, "value", statuses[a["name"]].status))
+                                  if a["name"] in statuses else "NOT_STARTED") for a in apps}
+            summary = _replica_summary(statuses, names)
+            if all(v == "RUNNING" for v in states.values()):
                 _say(f"ready in {time.monotonic() - started:.0f}s: {summary}")
                 break
-            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
-                _say(f"deployment failed: {app.message if app else ''}")
-                for dep_name, dep in (app.deployments.items() if app else []):
-                    if dep.message:
-                        _say(f"  {dep_name}: {dep.message}")
+            failed = [name for name, v in states.items() if v in ("DEPLOY_FAILED", "UNHEALTHY")]
+            if failed:
+                for name in failed:
+                    app = statuses[name]
+                    _say(f"deployment failed ({name}): {app.message}")
+                    for dep_name, dep in app.deployments.items():
+                        if dep.message:
+                            _say(f"  {dep_name}: {dep.message}")
                 return 1
+            state = next(v for v in states.values() if v != "RUNNING")
             line = f"{state.lower()} ({time.monotonic() - started:.0f}s): {summary}"
             if line != last:
                 _say(line)
@@ -206,6 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not stop["now"]:
             shown = "localhost" if host in ("0.0.0.0", "::") else host
             _say(f"gateway at http://{shown}:{port}/v1 (models: {', '.join(names)}); Ctrl-C to stop")
+            for a in apps[1:]:
+                _say(f"fast lane of {a['args']['model']} at http://{shown}:{port}{a['route_prefix']}/v1")
         while not stop["now"]:
             time.sleep(0.5)
         _say("shutting down")

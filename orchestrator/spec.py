@@ -282,6 +282,20 @@ class ModelSpec(_Strict):
         ge=1,
         description="Requests one replica accepts at once; the engine batches and queues them.",
     )
+    fast_lane: bool = Field(
+        False,
+        description="Also serve this model at /models/<name>/v1 straight from its replicas (the ingress proxies "
+        "to a replica, no gateway hop: the fastest path for streams). Keys, caps, rate limits and the audit log "
+        "apply there too; prefix-aware routing, admission control across replicas and holding requests while "
+        "no replica is ready do not. Needs autoscaling.min_replicas >= 1. /v1 keeps serving the model too.",
+    )
+
+    @model_validator(mode="after")
+    def _lane_needs_a_replica(self) -> ModelSpec:
+        if self.fast_lane and self.autoscaling.min_replicas < 1:
+            raise ValueError("fast_lane needs autoscaling.min_replicas >= 1: a fast lane has no gateway to hold "
+                             "requests while a replica starts (use /v1 for a model that scales to zero)")
+        return self
 
     @field_validator("source")
     @classmethod

@@ -31,8 +31,11 @@ _REFRESH_EVERY_S = 30.0  # the actor may have been recreated (gateway restart)
 class QueueDepthPolicy:
     """A Serve autoscaling policy object: one per model deployment, kept by the controller."""
 
-    def __init__(self, model: str, limits: dict[str, Any]):
+    def __init__(self, model: str, limits: dict[str, Any], fleet_app: str | None = None):
         self.model = model
+        # The application whose fleet-state actor /fleet reads: the gateway's, also for a
+        # model deployed in its own fast-lane application.
+        self.fleet_app = fleet_app
         self.limits = Limits.from_spec(limits)
         self._actor = None
         self._looked_up_at = 0.0
@@ -83,7 +86,7 @@ class QueueDepthPolicy:
         key = (decision.target, decision.direction, obs.running, obs.starting)
         if key == self._published_key and now - self._published_at < _PUBLISH_EVERY_S:
             return
-        actor = self._state_actor(ctx.app_name, now)
+        actor = self._state_actor(self.fleet_app or ctx.app_name, now)
         if actor is None:
             return
         snapshot = {

@@ -159,8 +159,9 @@ def _error_body(exc: BaseException) -> tuple[int, bytes]:
 class ModelServer:
     """A replica of one model. Built by ``orchestrator.app`` as a Ray Serve deployment."""
 
-    async def __init__(self, model: dict[str, Any]):
+    async def __init__(self, model: dict[str, Any], fleet_app: str | None = None):
         self.spec = ModelSpec.model_validate(model)
+        self._fleet_app = fleet_app  # whose fleet-state actor gets the metrics (default: this app's)
         console_logging()
         path, revision = await asyncio.to_thread(sources.resolve, self.spec.source)
         draft = await asyncio.to_thread(speculative.resolve_draft, self.spec, path)
@@ -454,7 +455,8 @@ class ModelServer:
                 if actor is None:
                     from ray import serve
 
-                    actor = await asyncio.to_thread(state.lookup, serve.get_replica_context().app_name)
+                    app = self._fleet_app or serve.get_replica_context().app_name
+                    actor = await asyncio.to_thread(state.lookup, app)
                 if actor is not None:
                     await actor.record_engine_metrics.remote(self._replica_id, self.metrics_text())
                     pushed_at, pushed_started, pushed_busy = now, started, busy

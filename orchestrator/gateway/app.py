@@ -181,13 +181,21 @@ class _Hold:
 
 
 class Gateway:
-    """The ingress deployment. ``handles`` maps model name to its deployment's handle."""
+    """The ingress deployment. ``handles`` maps model name to its deployment's handle;
+    ``lanes`` maps each fast-lane model to the application its deployment is in."""
 
-    def __init__(self, fleet: dict[str, Any], handles: dict[str, Any], deployment_names: dict[str, str]):
+    def __init__(self, fleet: dict[str, Any], handles: dict[str, Any], deployment_names: dict[str, str],
+                 lanes: dict[str, str] | None = None):
         console_logging()
         self.fleet = FleetSpec.model_validate(fleet)
-        self.handles = handles
-        self.stream_handles = {name: h.options(stream=True) for name, h in handles.items()}
+        self.handles = dict(handles)
+        self._model_apps = dict(lanes or {})  # models deployed outside this application
+        if self._model_apps:
+            from ray import serve
+
+            for model, app in self._model_apps.items():
+                self.handles[model] = serve.get_deployment_handle(deployment_names[model], app_name=app)
+        self.stream_handles = {name: h.options(stream=True) for name, h in self.handles.items()}
         self.metrics = GatewayMetrics()
         self.timeout_s = self.fleet.gateway.request_timeout_s
         self._created = int(time.time())
@@ -569,10 +577,10 @@ class Gateway:
 
         def read() -> dict[str, dict[str, int]]:
             status = serve.status()
-            app_name = serve.get_replica_context().app_name
-            app = status.applications.get(app_name)
+            own = serve.get_replica_context().app_name
             out: dict[str, dict[str, int]] = {}
             for model, dep_name in self._deployment_names.items():
+                app = status.applications.get(self._model_apps.get(model, own))
                 dep = app.deployments.get(dep_name) if app else None
                 states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
                 out[model] = states
@@ -616,6 +624,7 @@ class Gateway:
         """What /fleet shows of each model that does not change while it runs: engine
         parallelism and precision, size (from its config, GGUF header or the catalog)."""
         from orchestrator import footprint
+        from orchestrator.app import lane_route_prefix
         from orchestrator.engine.args import engine_choices
 
         out = {}
@@ -631,6 +640,8 @@ class Gateway:
                     "quantization": footprint.source_quantization(m.source, m.engine) or None,
                 },
                 "footprint": None,
+                # Where the model's replicas answer HTTP themselves (None: only through /v1).
+                "fast_lane": f"{lane_route_prefix(m.name)}/v1" if m.fast_lane else None,
             }
             if shape is not None:
                 params = shape.parameters()

@@ -26,13 +26,13 @@ from typing import Any, Literal
 import yaml
 
 from orchestrator import __version__
+from orchestrator.app import applications
 from orchestrator.spec import FieldError, FleetSpec, FleetValidationError, ModelSpec
 
 CHART_NAME = "slm-orchestrator"
 RAY_VERSION = "2.60.0"
 SERVE_PORT = 8000  # KubeRay's serve Service and health checks expect Serve's HTTP port here
 IMAGE_REPOSITORY = "ghcr.io/slm-orchestrator/slm-orchestrator"
-APP_IMPORT_PATH = "orchestrator.app:build_app"
 HTTP_KEEP_ALIVE_S = 90
 # Ray Serve's fast path, on by default for `slm serve` (SLM_SERVE_FAST_PATH=0 turns it
 # off; the chart does not set it yet, as it has not run on a cluster here): HAProxy
@@ -88,9 +88,8 @@ def serve_config(fleet_data: dict[str, Any]) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT, "keep_alive_timeout_s": HTTP_KEEP_ALIVE_S},
-        "applications": [
-            {"name": "slm", "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": fleet_data},
-        ],
+        # The gateway's application, then one per fast-lane model (see orchestrator.app).
+        "applications": applications(fleet_data),
     }
 
 

