@@ -85,8 +85,8 @@ class SSEParser:
         self._buf = b""
 
     def feed(self, chunk: bytes) -> list[str]:
-        self._buf += chunk.replace(b"\r\n", b"\n")
-        *events, self._buf = self._buf.split(b"\n\n")
+        # CRLF normalised on the joined buffer: a chunk may end between the CR and the LF.
+        *events, self._buf = (self._buf + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
         out = []
         for event in events:
             data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]

@@ -194,7 +194,10 @@ class Gateway:
             from ray import serve
 
             for model, app in self._model_apps.items():
-                self.handles[model] = serve.get_deployment_handle(deployment_names[model], app_name=app)
+                # Not checked against the controller: that application deploys alongside this
+                # one and may not be registered yet; calls wait for its replicas like any other.
+                self.handles[model] = serve.get_deployment_handle(deployment_names[model], app_name=app,
+                                                                  _check_exists=False)
         self.stream_handles = {name: h.options(stream=True) for name, h in self.handles.items()}
         self.metrics = GatewayMetrics()
         self.timeout_s = self.fleet.gateway.request_timeout_s

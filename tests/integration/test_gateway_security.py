@@ -16,6 +16,7 @@ import openai
 import pytest
 import yaml
 from conftest import processes, replica_pids, run_stack
+from prometheus_client.parser import text_string_to_metric_families
 from sse import sse_lines
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,9 @@ OPEN, SECRET, BUSY, PAIR = "tiny", "tiny-secret", "tiny-busy", "tiny-pair"
 TEAM_KEY = "sk-team-a-0123456789abcdef"
 OPS_KEY = "sk-ops-0123456789abcdefgh"
 LIMITED_KEY = "sk-limited-0123456789abcd"
+LANE_LIMITED_KEY = "sk-lane-limited-0123456789"
 RPM = 6
+LANE_RPM = 3
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,7 @@ def secure_stack(tmp_path_factory, tiny_model):
         {"name": "team-a", "key": TEAM_KEY, "models": ["tiny"]},
         {"name": "ops", "key": OPS_KEY, "admin": True},
         {"name": "limited", "key": LIMITED_KEY, "rpm": RPM},
+        {"name": "lane-limited", "key": LANE_LIMITED_KEY, "rpm": LANE_RPM},
     ]}
     (d / "keys.yaml").write_text(yaml.safe_dump(keys))
     engine = {"max_model_len": 1024, "max_num_seqs": 8, "enforce_eager": True}
@@ -42,7 +46,7 @@ def secure_stack(tmp_path_factory, tiny_model):
         "models": [
             {"name": OPEN, "source": str(tiny_model), "engine": engine,
              "limits": {"max_tokens": 64, "max_n": 2, "max_messages": 4}},
-            {"name": SECRET, "source": str(tiny_model), "engine": engine},
+            {"name": SECRET, "source": str(tiny_model), "engine": engine, "fast_lane": True},
             {"name": BUSY, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
              "limits": {"max_queue_per_replica": 2}},
             {"name": PAIR, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
@@ -170,6 +174,104 @@ def test_request_ids_are_returned_and_audited_without_prompts(secure_stack, http
     text = secure_stack.audit_path.read_text() + secure_stack.log_path.read_text(errors="replace")
     assert "secret prompt text" not in text
     assert TEAM_KEY not in text and OPS_KEY not in text  # keys are never logged
+
+
+# -- the fast lane (SECRET's replicas answer /models/tiny-secret/v1 themselves) ------------------
+
+
+def lane_url(stack) -> str:
+    from orchestrator.app import lane_route_prefix
+
+    return f"{stack.url}{lane_route_prefix(SECRET)}"
+
+
+def test_fast_lane_serves_the_openai_client_with_the_same_keys(secure_stack, http):
+    lane = lane_url(secure_stack)
+    assert _ops_view(http, SECRET)["fast_lane"] == "/models/tiny-secret/v1"
+    assert _ops_view(http, OPEN)["fast_lane"] is None
+    ops = openai.OpenAI(base_url=f"{lane}/v1", api_key=OPS_KEY, max_retries=0, timeout=120)
+    assert [m.id for m in ops.models.list().data] == [SECRET]
+    stream = ops.chat.completions.create(model=SECRET, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                         stream=True, stream_options={"include_usage": True},
+                                         extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 1
+    assert chunks[-1].usage.completion_tokens == 12
+    done = ops.completions.create(model=SECRET, prompt="hello", max_tokens=5, extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 5
+    # The same key rules as /v1: no key, a wrong key, a key without this model.
+    team = openai.OpenAI(base_url=f"{lane}/v1", api_key=TEAM_KEY, max_retries=0, timeout=120)
+    assert team.models.list().data == []
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(team, model=SECRET)
+    assert e.value.body["code"] == "model_not_found"
+    anonymous = httpx.post(f"{lane}/v1/chat/completions", json={"model": SECRET, "messages": []}, timeout=60)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+    # Bad input: the OpenAI envelope, the right status.
+    auth = {"Authorization": f"Bearer {OPS_KEY}"}
+    bad = httpx.post(f"{lane}/v1/chat/completions", content=b"{nope", headers=auth, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    other = httpx.post(f"{lane}/v1/chat/completions", headers=auth, timeout=60,
+                       json={"model": OPEN, "messages": [{"role": "user", "content": "x"}]})
+    assert other.status_code == 400 and other.json()["error"]["param"] == "model"
+    assert "/v1" in other.json()["error"]["message"]
+    wrong_task = httpx.post(f"{lane}/v1/embeddings", headers=auth, json={"model": SECRET, "input": "x"}, timeout=60)
+    assert wrong_task.status_code == 400 and wrong_task.json()["error"]["code"] == "model_not_supported"
+    # /v1 still serves the model, through the gateway.
+    assert chat(client(secure_stack, OPS_KEY), model=SECRET).usage.completion_tokens >= 1
+
+
+def test_fast_lane_audits_with_request_ids_and_shares_the_rate_limit(secure_stack, http):
+    lane = lane_url(secure_stack)
+    body = {"model": SECRET, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {LANE_LIMITED_KEY}"}
+    via_gateway = [httpx.post(f"{secure_stack.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+                   for _ in range(LANE_RPM - 1)]
+    assert [r.status_code for r in via_gateway] == [200] * (LANE_RPM - 1)
+    last = httpx.post(f"{lane}/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+                      headers={**headers, "x-request-id": "req-lane-1"})
+    assert last.status_code == 200 and last.headers["x-request-id"] == "req-lane-1"
+    assert last.text.rstrip().endswith("data: [DONE]")
+    refused = httpx.post(f"{lane}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert refused.status_code == 429, "the lane and the gateway share one key's budget"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-limit-requests"] == str(LANE_RPM)
+    time.sleep(1)
+    lines = [json.loads(line) for line in secure_stack.audit_path.read_text().splitlines()]
+    mine = next(x for x in lines if x["request_id"] == "req-lane-1")
+    assert (mine["key"], mine["model"], mine["status"], mine["stream"]) == ("lane-limited", SECRET, 200, True)
+    assert mine["completion_tokens"] is None or mine["completion_tokens"] == 2
+    assert [x["status"] for x in lines if x["key"] == "lane-limited"].count(429) == 1
+
+
+def test_fast_lane_client_disconnect_aborts_the_engine_request(secure_stack, http):
+    auth = {"Authorization": f"Bearer {OPS_KEY}"}
+
+    def gauge(name: str) -> float:
+        text = http.get("/metrics", headers=auth).text
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == name and s.labels.get("model_name") == SECRET)
+
+    before = gauge("vllm:generation_tokens_total")
+    body = {"model": SECRET, "messages": [{"role": "user", "content": "go"}], "max_tokens": 900, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{lane_url(secure_stack)}/v1/chat/completions",
+                                                 json=body, headers=auth) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in sse_lines(r):
+            got += line.startswith("data: ")
+            if got >= 5:
+                break  # leaving the block closes the connection mid-stream
+    time.sleep(2.5)  # replicas push their vLLM metrics every second
+    deadline = time.monotonic() + 30
+    while gauge("vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the engine kept generating after the client left"
+        time.sleep(0.5)
+    settled = gauge("vllm:generation_tokens_total")
+    time.sleep(3)
+    assert gauge("vllm:generation_tokens_total") == settled
+    assert 1 <= settled - before < 600, f"generated {settled - before} tokens for an abandoned stream"
 
 
 def _ops_view(http, model):
