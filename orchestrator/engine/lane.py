@@ -62,7 +62,7 @@ class LaneServer(ModelServer):
     async def __init__(self, model: dict[str, Any], fleet: dict[str, Any], fleet_app: str):
         await super().__init__(model, fleet_app)
         self.fleet = FleetSpec.model_validate(fleet)
-        self.admission = Admission(self.fleet, fleet_app, self._replica_id)
+        self.admission = Admission(self.fleet, fleet_app, self._replica_id, audit_fallback=True)
         self._created = int(time.time())
         bound = self.spec.limits.max_queue_per_replica
         self._queue_bound = bound if bound is not None else self.fleet.gateway.limits.max_queue_per_replica

@@ -106,7 +106,7 @@ class Admission:
     limits, audit. ``app_name`` names the Serve application whose rate-limiter actor is used;
     ``replica`` goes into audit lines."""
 
-    def __init__(self, fleet: FleetSpec, app_name: str | None, replica: str | None):
+    def __init__(self, fleet: FleetSpec, app_name: str | None, replica: str | None, audit_fallback: bool = False):
         self.fleet = fleet
         self.max_body_bytes = fleet.gateway.max_body_bytes
         self._app_name = app_name
@@ -117,7 +117,16 @@ class Admission:
         if fleet.gateway.auth is not None:
             self._load_keys()
         audit = fleet.gateway.audit
-        self.audit = AuditLog(audit.path, audit.include_prompts) if audit.enabled else None
+        self.audit = None
+        if audit.enabled:
+            try:
+                self.audit = AuditLog(audit.path, audit.include_prompts)
+            except OSError as e:
+                if not audit_fallback:
+                    raise
+                # A model replica may run on a node without the gateway's audit path.
+                log.warning("audit log %s not writable here (%s): writing it to stdout", audit.path, e)
+                self.audit = AuditLog(None, audit.include_prompts)
         self._limiter = None
 
     def _load_keys(self) -> None:

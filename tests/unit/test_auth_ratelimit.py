@@ -143,3 +143,16 @@ def test_token_estimate_and_usage_sniffing():
     assert ctx.usage == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     ctx.note_usage(b'{"id": "x", "usage": {"prompt_tokens": 1, "total_tokens": 9}}')
     assert ctx.usage["total_tokens"] == 9
+
+
+def test_an_unwritable_audit_path_fails_the_gateway_but_a_lane_replica_logs_to_stdout(tmp_path, capsys):
+    from orchestrator.gateway.admission import Admission
+    from orchestrator.spec import parse_fleet
+
+    fleet = parse_fleet({"models": [{"name": "m", "source": "/models/m"}],
+                         "gateway": {"audit": {"enabled": True, "path": str(tmp_path / "missing" / "audit.jsonl")}}})
+    with pytest.raises(OSError):
+        Admission(fleet, "slm", "gw-1")
+    lane = Admission(fleet, "slm", "replica-1", audit_fallback=True)
+    lane.audit.write({"request_id": "r1", "status": 200})
+    assert '"request_id":"r1"' in capsys.readouterr().out
