@@ -113,18 +113,30 @@ class LaneServer(ModelServer):
         if ctx.echo_id:
             ctx.headers["x-request-id"] = ctx.request_id
         if not stream:
-            ctx.status, body = await self.call(endpoint, payload)
+            try:
+                ctx.status, body = await self.call(endpoint, payload)
+            except asyncio.CancelledError:  # the client left: vLLM aborts the request
+                ctx.status = "cancelled"
+                self.admission.finish(ctx)
+                raise
             ctx.note_usage(body)
             self.admission.finish(ctx)
             return Response(body, status_code=ctx.status, media_type="application/json", headers=ctx.headers)
         gen = self.stream(endpoint, payload)
-        status, media_type, _ = await gen.__anext__()
-        if media_type != SSE:  # an error, or an answer vLLM gave without streaming
-            body = await gen.__anext__()
-            await gen.aclose()
-            ctx.status = status
+        try:
+            status, media_type, _ = await gen.__anext__()
+            if media_type != SSE:  # an error, or an answer vLLM gave without streaming
+                body = await gen.__anext__()
+                await gen.aclose()
+                ctx.status = status
+                self.admission.finish(ctx)
+                return Response(body, status_code=status, media_type=media_type, headers=ctx.headers)
+        except BaseException as e:  # the client left before the stream began, or a failure
+            with contextlib.suppress(BaseException):
+                await gen.aclose()
+            ctx.status = "cancelled" if isinstance(e, asyncio.CancelledError) else 500
             self.admission.finish(ctx)
-            return Response(body, status_code=status, media_type=media_type, headers=ctx.headers)
+            raise
         return _GuardedStream(
             self._relay(gen, ctx), ctx, lambda: self._abandon(gen, ctx),
             media_type=SSE, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.headers},
