@@ -87,7 +87,6 @@ def _private_haproxy_paths() -> None:
     stopping gateway replicas. Explicit values win."""
     import atexit
     import shutil
-    import socket
     import tempfile
 
     base = tempfile.mkdtemp(prefix="slm-haproxy-")
@@ -99,11 +98,11 @@ def _private_haproxy_paths() -> None:
     # A stopping gateway replica stays open this long so load balancers can drop it (Serve's
     # default, 30 s, made every Ctrl-C wait 30 s); the local HAProxy hears within a second.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    from orchestrator.devtools.stack import free_port
+
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         if key not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ[key] = str(sock.getsockname()[1])
+            os.environ[key] = str(free_port())  # bound later, by HAProxy
 
 
 # Ray's own observability, off for the Ray cluster `slm serve` starts (SLM_RAY_OBSERVABILITY=1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,10 +30,32 @@ class StackError(RuntimeError):
     """The stack exited or was not ready in time; the message ends with its log's tail."""
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1, chosen below the kernel's ephemeral range.
+
+    The port is bound later, by another process (HAProxy, uvicorn). Meanwhile Ray opens
+    many sockets, and those take ephemeral ports; a port the kernel handed out from that
+    range could be taken in between (seen once in CI: HAProxy exiting with "Address
+    already in use"). Ports below the range are never handed out that way."""
+    low, _ = _ephemeral_ports()
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(20000, low) if low > 21000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port below the ephemeral range")
 
 
 class Stack:
