@@ -135,6 +135,14 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
     return opts
 
 
+def memory_peers(fleet: FleetSpec) -> list[dict[str, Any]]:
+    """What each CPU replica plans its KV cache from (``orchestrator.memory``): the memory
+    fields of every CPU model of the fleet, the models it may share a node with."""
+    from orchestrator import memory
+
+    return [memory.plan_inputs(m) for m in fleet.models if accelerator(m) == "cpu"]
+
+
 def build_app(args: dict[str, Any] | FleetSpec):
     """The Serve application for a fleet (a dict as in fleet.yaml, or a FleetSpec)."""
     from ray import serve
@@ -143,6 +151,7 @@ def build_app(args: dict[str, Any] | FleetSpec):
     from orchestrator.gateway.app import Gateway, api
 
     fleet = args if isinstance(args, FleetSpec) else parse_fleet(args, "serve application args")
+    peers = memory_peers(fleet)
     model_deployment = serve.deployment(ModelServer)
     handles = {}
     names = {}
@@ -153,7 +162,8 @@ def build_app(args: dict[str, Any] | FleetSpec):
         if spec.fast_lane:
             lanes[spec.name] = lane_app_name(spec.name)  # deployed by build_lane_app
         else:
-            handles[spec.name] = model_deployment.options(**opts).bind(spec.model_dump(mode="json"))
+            handles[spec.name] = model_deployment.options(**opts).bind(spec.model_dump(mode="json"), None,
+                                                                       peers if accelerator(spec) == "cpu" else None)
     gateway = serve.deployment(serve.ingress(api)(Gateway)).options(
         name=GATEWAY_DEPLOYMENT,
         num_replicas=fleet.gateway.replicas,
@@ -181,4 +191,5 @@ def build_lane_app(args: dict[str, Any]):
     # HTTP by least connections); the gateway's /v1 calls to it use Serve's default router.
     opts.pop("request_router_config")
     return serve.deployment(LaneServer).options(**opts).bind(
-        spec.model_dump(mode="json"), fleet.model_dump(mode="json"), APP_NAME)
+        spec.model_dump(mode="json"), fleet.model_dump(mode="json"), APP_NAME,
+        memory_peers(fleet) if accelerator(spec) == "cpu" else None)

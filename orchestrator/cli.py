@@ -1,11 +1,11 @@
 """`slm`: serve a fleet, validate a fleet file, show a running fleet's status.
 
     slm serve [-f FILE] [--host HOST] [--port PORT]
-    slm validate -f FILE
+    slm validate -f FILE [--plan]
     slm status [--url URL]
     slm render -f FILE --format serve-config|rayservice [--name NAME] [--namespace NS] [--engine gpu|cpu]
     slm apply -f FILE [--namespace NS] [--name NAME] [--context CTX] [--wait SECONDS]
-    slm plan -f FILE --gpus 4xH100-80GB [--kv-seqs N] [--max-util F] [--write OUT] [--json]
+    slm plan -f FILE [--gpus 4xH100-80GB] [--cpu-memory 24GiB] [--kv-seqs N] [--max-util F] [--write OUT] [--json]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (the message names the file and
 the field).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -39,8 +40,34 @@ def _load(path: str | None) -> tuple[FleetSpec, str]:
 def cmd_validate(args: argparse.Namespace) -> int:
     fleet, origin = _load(args.file)
     names = ", ".join(m.name for m in fleet.models)
+    if args.plan:
+        for line in _plan_cpu_memory(fleet, origin).splitlines():
+            print(line)
     print(f"{origin}: valid ({len(fleet.models)} models: {names})")
     return 0
+
+
+def _plan_cpu_memory(fleet: FleetSpec, origin: str, memory_bytes: int | None = None,
+                     is_cpu=None) -> str:
+    """The CPU memory plan of a fleet on this machine (or on ``memory_bytes``) as text, with a
+    warning line per model short of its KV target; FleetValidationError (exit 2) naming the
+    model when its replicas cannot reach their floor."""
+    from orchestrator import memory
+    from orchestrator.engine.args import accelerator
+    from orchestrator.spec import FieldError
+
+    node = memory_bytes or memory.node_memory()
+    try:
+        plan = memory.plan_cpu(fleet.models, node, is_cpu=is_cpu or (lambda m: accelerator(m) == "cpu"))
+    except memory.PlanError as e:
+        where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "") if e.model_index is not None else ""
+        raise FleetValidationError(origin, [FieldError(where, str(e))]) from None
+    if not plan.needs and not plan.unknown:
+        return ""
+    lines = [f"memory: {line}" for line in memory.render_cpu_plan(plan).splitlines()]
+    lines += [f"warning: {line} (lower max_model_len, raise the memory, or set kv_cache_tokens lower)"
+              for line in plan.shortfalls()]
+    return "\n".join(lines)
 
 
 def _resolve_sources(fleet: FleetSpec, origin: str) -> None:
@@ -78,6 +105,40 @@ def _replica_summary(apps: dict, names: dict[str, tuple[str, str]]) -> str:
         states = {str(getattr(k, "value", k)): v for k, v in (d.replica_states if d else {}).items()}
         parts.append(f"{model}: {states.get('RUNNING', 0)} running, {states.get('STARTING', 0)} starting")
     return "; ".join(parts)
+
+
+def _failure_summary(statuses: dict, failed: list[str], names: dict[str, tuple[str, str]]) -> list[str]:
+    """A few lines per model that failed to deploy: the replica's own summary (cause, what to
+    change, its log) where it gave one, else the last exception line of Serve's message."""
+    from orchestrator import startup
+
+    lines = []
+    by_deployment = {dep: model for model, (_, dep) in names.items()}
+    for app_name in failed:
+        for dep_name, dep in statuses[app_name].deployments.items():
+            status = str(getattr(dep.status, "value", dep.status))
+            if status not in ("DEPLOY_FAILED", "UNHEALTHY") and not dep.message:
+                continue
+            model = by_deployment.get(dep_name, dep_name)
+            message = dep.message or statuses[app_name].message or ""
+            own = re.search(r"model '.*?' failed to start: (.*)", message)
+            if own:
+                cause, _, rest = own.group(1).partition(" -- ")
+                lines.append(f"model {model!r} failed to start: {cause}")
+                advice, _, where = rest.rpartition(" (full log: ")
+                lines.append(f"  what to change: {advice or rest}")
+                if where:
+                    lines.append(f"  full log: {where.rstrip(')')}")
+            elif status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                cause = startup.cause_from_log(message) or (message.strip().splitlines() or ["(no message)"])[0]
+                lines.append(f"model {model!r} ({dep_name}) failed: {cause[:400]}")
+                lines.append(f"  full log: {_ray_logs_dir()}/serve (the Serve controller's log)")
+    return lines or [f"deployment failed: {', '.join(failed)} (see {_ray_logs_dir()})"]
+
+
+def _ray_logs_dir() -> str:
+    """Where Ray keeps this session's logs (its documented default location)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "session_latest", "logs")
 
 
 def _private_haproxy_paths() -> None:
@@ -141,11 +202,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or fleet.gateway.host
     port = args.port or fleet.gateway.port
     _say(f"fleet {origin}: {', '.join(m.name for m in fleet.models)}")
+    if not os.environ.get("RAY_ADDRESS"):
+        # Refuse what cannot fit before starting anything; a cluster's nodes plan at build time.
+        for line in _plan_cpu_memory(fleet, origin).splitlines():
+            _say(line)
     _resolve_sources(fleet, origin)
 
     os.environ.update(serve_environment(fleet, os.environ))
     if os.environ.get("SLM_SERVE_FAST_PATH", "1") != "0" and not os.environ.get("RAY_ADDRESS"):
         _private_haproxy_paths()
+    from orchestrator.terminal import TracebackFolder
+
+    # The replicas' output comes through here: fold their tracebacks (the failure summary
+    # names the cause and the log that holds them).
+    sys.stdout = TracebackFolder(sys.stdout, _ray_logs_dir())
+    sys.stderr = TracebackFolder(sys.stderr, _ray_logs_dir())
     import ray
     from ray import serve
     from ray.serve.api import RunTarget
@@ -200,12 +271,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 break
             failed = [name for name, v in states.items() if v in ("DEPLOY_FAILED", "UNHEALTHY")]
             if failed:
-                for name in failed:
-                    app = statuses[name]
-                    _say(f"deployment failed ({name}): {app.message}")
-                    for dep_name, dep in app.deployments.items():
-                        if dep.message:
-                            _say(f"  {dep_name}: {dep.message}")
+                for line in _failure_summary(statuses, failed, names):
+                    _say(line)
                 return 1
             state = next(v for v in states.values() if v != "RUNNING")
             line = f"{state.lower()} ({time.monotonic() - started:.0f}s): {summary}"
@@ -305,33 +372,52 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import yaml
 
-    from orchestrator import planner
+    from orchestrator import memory, planner
+    from orchestrator.engine.args import accelerator
     from orchestrator.spec import FieldError, parse_fleet, read_fleet_data
 
     data = read_fleet_data(args.file)
     fleet = parse_fleet(data, args.file)
     try:
-        nodes = planner.parse_gpus(args.gpus)
-        plan = planner.make_plan(fleet, nodes, kv_seqs=args.kv_seqs, max_util=args.max_util)
-    except planner.PlanError as e:
-        if e.model_index is None:
-            print(f"slm plan: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "")
-        raise FleetValidationError(args.file, [FieldError(where, str(e))]) from None
-    if args.json:
+        cpu_memory = memory.parse_size(args.cpu_memory) if args.cpu_memory else None
+    except ValueError as e:
+        print(f"slm plan: --cpu-memory {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # With --gpus, models whose accelerator is auto go to the GPUs; without, they follow the
+    # installed vLLM build.
+    on_cpu = (lambda m: m.resources.accelerator == "cpu") if args.gpus else (lambda m: accelerator(m) == "cpu")
+    plan = None
+    if args.gpus:
+        try:
+            nodes = planner.parse_gpus(args.gpus)
+            plan = planner.make_plan(fleet, nodes, kv_seqs=args.kv_seqs, max_util=args.max_util)
+        except planner.PlanError as e:
+            if e.model_index is None:
+                print(f"slm plan: {e}", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "")
+            raise FleetValidationError(args.file, [FieldError(where, str(e))]) from None
+    cpu_text = _plan_cpu_memory(fleet, args.file, cpu_memory, on_cpu)
+    if plan is not None and args.json:
         print(json.dumps([{
             "model": p.model, "replica": p.replica + 1, "node": p.node, "gpu_type": plan.nodes[p.node].gpu_type,
             "gpus": p.gpu_indices, "num_gpus": p.num_gpus, "gpu_memory_utilization": p.gpu_memory_utilization,
-            "weight_bytes": int(p.budget.weights), "kv_bytes": int(p.budget.kv), "budget_bytes": int(p.budget.total),
-            "parameters": p.budget.parameters, "size_class": p.budget.size_class,
+            "weight_bytes": int(p.budget.weights), "kv_floor_bytes": int(p.budget.floor),
+            "kv_target_bytes": int(p.budget.target), "kv_bytes": int(p.budget.kv), "kv_tokens": p.budget.kv_tokens,
+            "full_sequences": round(p.budget.full_sequences, 2), "max_model_len": p.budget.max_model_len,
+            "budget_bytes": int(p.budget.total), "parameters": p.budget.parameters,
+            "size_class": p.budget.size_class,
         } for p in plan.placements], indent=2))
-    else:
+    elif plan is not None:
         print(planner.render_table(plan))
-    skipped = [m.name for m in fleet.models if m.resources.accelerator == "cpu"]
-    if skipped:
-        _say(f"not planned (CPU models): {', '.join(skipped)}")
-    if args.write:
+    if plan is not None:
+        for line in plan.shortfalls():
+            _say(f"warning: {line}")
+    if cpu_text:
+        print(cpu_text, file=sys.stderr if args.json else sys.stdout)
+    elif plan is None:
+        _say("no CPU models to plan here; give --gpus to plan GPU models")
+    if args.write and plan is not None:
         Path(args.write).write_text(yaml.safe_dump(planner.planned_fleet(data, fleet, plan), sort_keys=False))
         _say(f"wrote {args.write}: the fleet with each model's GPU share and gpu_memory_utilization")
     return 0
@@ -358,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="check a fleet file")
     p.add_argument("-f", "--file", required=True, help="fleet YAML")
+    p.add_argument("--plan", action="store_true",
+                   help="also check that the fleet's CPU replicas at max_replicas fit this machine's memory")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("status", help="show a running fleet")
@@ -378,12 +466,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="wait up to this long for the RayService to be ready (exit 1 if it is not)")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("plan", help="place every model replica on GPUs by memory footprint")
+    p = sub.add_parser("plan", help="place every model replica on GPUs (and CPU memory) by memory footprint")
     p.add_argument("-f", "--file", required=True, help="fleet YAML")
-    p.add_argument("--gpus", required=True,
-                   help="GPUs per node, e.g. 4xH100-80GB, or several nodes: 4xH100-80GB,2xL4-24GB")
-    p.add_argument("--kv-seqs", type=int, default=16,
-                   help="KV-cache room per replica, in sequences of max_model_len tokens (default: 16)")
+    p.add_argument("--gpus", default=None,
+                   help="GPUs per node, e.g. 4xH100-80GB, or several nodes: 4xH100-80GB,2xL4-24GB (unset: plan "
+                        "the CPU models only)")
+    p.add_argument("--cpu-memory", default=None, metavar="SIZE",
+                   help="plan the CPU models for a machine of this memory, e.g. 24GiB (default: this machine's)")
+    p.add_argument("--kv-seqs", type=int, default=None,
+                   help="KV-cache target per GPU replica, in sequences of max_model_len tokens (default: each "
+                        "model's kv_cache_tokens, else min(max_num_seqs, target_queue_depth) sequences)")
     p.add_argument("--max-util", type=float, default=0.9, help="most of a GPU's memory to plan (default: 0.9)")
     p.add_argument("--write", metavar="OUT",
                    help="write the fleet with the plan applied (num_gpus, gpu_memory_utilization)")

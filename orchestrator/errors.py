@@ -119,6 +119,18 @@ class Overloaded(OrchestratorError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class ModelStartFailed(OrchestratorError):
+    """A model's replica failed to start (the message names the cause and what to change):
+    requests held for it get this instead of waiting out cold_start_timeout_s."""
+
+    status = 503
+    type = "server_error"
+    code = "model_start_failed"
+
+    def __init__(self, message: str, retry_after_s: int = 30):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class UpstreamTimeout(OrchestratorError):
     status = 504
     type = "server_error"

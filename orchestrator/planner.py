@@ -1,29 +1,36 @@
 """Placement planner: which GPUs (or GPU fractions) each model replica gets, by memory.
 
-A replica's memory budget is its weights, the KV cache for ``kv_seqs`` sequences of
-``max_model_len`` tokens, and runtime overhead (activations, CUDA graphs, the CUDA context:
-1 GiB + 10% of the weights). A replica that fits in a fraction of a GPU shares that GPU
-with others (fractional Ray ``num_gpus`` and a matching vLLM ``gpu_memory_utilization``);
-a replica with ``tensor_parallel_size`` N takes N whole GPUs of one node. Replicas are
-packed largest first onto the first GPU with room (first-fit decreasing), up to
-``max_util`` of each GPU's memory. Every model is planned at ``max_replicas``, so the
-autoscaler can always reach it.
+Each replica's need comes from ``orchestrator.memory``: weights, runtime overhead (1 GiB +
+10% of the weights) and a KV cache between a floor (one ``max_model_len`` sequence: vLLM
+needs it to start) and a target (``kv_cache_tokens``, else the autoscaler's target
+concurrency at full length). Replicas are packed by their floor, largest first, onto the
+first GPU with room (first-fit decreasing) up to ``max_util`` of its memory; then the room
+left on each GPU is shared toward the targets. A replica that fits in a fraction of a GPU
+shares it (fractional Ray ``num_gpus`` and the matching vLLM ``gpu_memory_utilization``);
+a replica with ``tensor_parallel_size`` N takes N whole GPUs of one node. Every model is
+planned at ``max_replicas``, so the autoscaler can always reach it. Only a replica that
+cannot reach its floor is refused; one short of its target is a warning.
 
 Example::
 
-    plan = make_plan(fleet, parse_gpus("4xH100-80GB"))
+    plan = make_plan(fleet, parse_gpus("1xH100-80GB"))
     print(render_table(plan))
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 from typing import Any
 
-from orchestrator import footprint, sources
+from orchestrator import memory
+from orchestrator.memory import PlanError, ReplicaNeed
 from orchestrator.spec import FleetSpec, ModelSpec
+
+__all__ = ["PlanError", "Node", "Placement", "Plan", "parse_gpus", "budget", "make_plan", "planned_fleet",
+           "render_table"]
 
 GIB = 1024**3
 # Known GPUs: memory in GiB as sold (80 GB cards report ~79.2 GiB usable; the planner's
@@ -34,16 +41,6 @@ GPU_MEMORY_GB = {
     "V100-32GB": 32, "V100-16GB": 16, "T4-16GB": 16,
 }
 _GPU_RE = re.compile(r"^(?:(\d+)\s*x\s*)?([A-Za-z0-9]+)-(\d+(?:\.\d+)?)GB$", re.IGNORECASE)
-FRACTION_STEP = 0.05
-
-
-class PlanError(ValueError):
-    """The fleet does not fit; ``model_index`` and ``field`` say where to look."""
-
-    def __init__(self, message: str, model_index: int | None = None, field: str = ""):
-        self.model_index = model_index
-        self.field = field
-        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,25 +69,6 @@ def parse_gpus(text: str) -> list[Node]:
 
 
 @dataclasses.dataclass
-class Budget:
-    """One replica's memory need, per GPU it uses."""
-
-    weights: float
-    kv: float
-    overhead: float
-    gpus: int  # whole GPUs (tensor parallel) or 1 for a fraction of one
-    max_model_len: int
-    kv_seqs: int
-    parameters: int
-    size_class: str
-    quantization: str | None
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.kv + self.overhead
-
-
-@dataclasses.dataclass
 class Placement:
     model: str
     replica: int
@@ -98,7 +76,7 @@ class Placement:
     gpu_indices: list[int]
     num_gpus: float  # Ray's per-replica GPUs: N for tensor parallel, a fraction below 1
     gpu_memory_utilization: float
-    budget: Budget
+    budget: ReplicaNeed  # this replica's need, with its planned KV
 
 
 @dataclasses.dataclass
@@ -110,62 +88,82 @@ class Plan:
     def for_model(self, name: str) -> list[Placement]:
         return [p for p in self.placements if p.model == name]
 
-
-def model_shape(spec: ModelSpec) -> footprint.ModelShape:
-    """The model's shape: from its local config.json, else the built-in catalog."""
-    src = sources.parse_source(spec.source)
-    if src.kind == "hf":
-        shape = footprint.catalog_shape(src.location)
-        if shape is None:
-            raise PlanError(f"{src.location} is not in the catalog and is not local; its size is unknown "
-                            f"(serve it from a local folder, or add it to orchestrator/footprint.py)")
-        return shape
-    path, _ = sources.resolve(src)
-    return footprint.ModelShape.from_dir(path)
+    def shortfalls(self) -> list[str]:
+        """One line per model whose planned KV is below its target (the plan still runs)."""
+        out = []
+        for name in dict.fromkeys(p.model for p in self.placements):
+            b = min((p.budget for p in self.for_model(name)), key=lambda b: b.kv)
+            if not b.target_met:
+                out.append(f"model {name!r}: KV for {b.full_sequences:.1f} of its "
+                           f"{b.target_tokens / b.max_model_len:.1f} target sequences of {b.max_model_len} tokens "
+                           f"({b.kv_tokens:,} of {b.target_tokens:,} tokens per replica)")
+        return out
 
 
-def budget(spec: ModelSpec, kv_seqs: int) -> Budget:
-    shape = model_shape(spec)
-    tp = spec.tensor_parallel_size
-    quant = spec.engine.get("quantization")
-    dtype = spec.engine.get("dtype")
-    weights = footprint.weight_bytes(shape, dtype, quant)
-    max_len = int(spec.engine.get("max_model_len") or shape.max_position_embeddings)
-    seqs = min(kv_seqs, int(spec.engine.get("max_num_seqs") or kv_seqs))
-    kv = footprint.kv_bytes_per_token(shape, spec.engine.get("kv_cache_dtype") or dtype) * max_len * seqs
-    overhead = 1 * GIB + 0.10 * weights
-    params = shape.parameters()
-    return Budget(weights / tp, kv / tp, overhead, tp, max_len, seqs, params, footprint.size_class(params), quant)
+def budget(spec: ModelSpec, kv_seqs: int | None = None, index: int = 0) -> ReplicaNeed:
+    """One GPU replica's need (per GPU); ``kv_seqs`` overrides the KV target with that many
+    full-length sequences (at most max_num_seqs). ``kv`` is set to the target."""
+    need = memory.replica_need(spec, "gpu", index)
+    if kv_seqs is not None:
+        need.target_tokens = max(need.floor_tokens, min(kv_seqs, need.max_num_seqs) * need.max_model_len)
+    need.kv = need.target
+    return need
 
 
-def _fraction(need: float, gpu_bytes: float) -> float:
-    return min(1.0, math.ceil(need / gpu_bytes / FRACTION_STEP - 1e-9) * FRACTION_STEP)
+_STEP = 0.01  # GPU shares are whole hundredths
 
 
-def _place_one(spec: ModelSpec, r: int, b: Budget, nodes: list[Node], used: dict[tuple[int, int], float],
+def _share(need_bytes: float, gpu_bytes: float) -> float:
+    return min(1.0, math.ceil(need_bytes / gpu_bytes / _STEP - 1e-9) * _STEP)
+
+
+def _place_one(spec: ModelSpec, r: int, b: ReplicaNeed, nodes: list[Node], used: dict[tuple[int, int], float],
                max_util: float) -> Placement | None:
-    """Place one replica on the first GPU(s) of ``nodes`` with room (mutating ``used``)."""
+    """Place one replica, by its floor, on the first GPU(s) of ``nodes`` with room (mutating ``used``)."""
+    floor = b.base + b.floor
     for node in nodes:
         gpu_bytes = node.gpu_memory_gb * 1e9
-        frac = _fraction(b.total, gpu_bytes)
+        frac = _share(floor, gpu_bytes)
         if b.gpus == 1 and frac <= max_util:
             for g in range(node.gpus):
                 if used[(node.index, g)] + frac <= max_util + 1e-9:
                     used[(node.index, g)] += frac
-                    return Placement(spec.name, r, node.index, [g], frac, frac, b)
-        elif b.gpus > 1 and b.total <= max_util * gpu_bytes:
+                    return Placement(spec.name, r, node.index, [g], frac, frac, copy.copy(b))
+        elif b.gpus > 1 and floor <= max_util * gpu_bytes:
             free = [g for g in range(node.gpus) if used[(node.index, g)] == 0.0]
             if len(free) >= b.gpus:
                 chosen = free[: b.gpus]
                 for g in chosen:
                     used[(node.index, g)] = 1.0
                 # Whole GPUs are the replica's own: the KV cache may take all the planned room.
-                return Placement(spec.name, r, node.index, chosen, float(b.gpus), max_util, b)
+                return Placement(spec.name, r, node.index, chosen, float(b.gpus), max_util, copy.copy(b))
     return None
 
 
-def make_plan(fleet: FleetSpec, nodes: list[Node], kv_seqs: int = 16, max_util: float = 0.9) -> Plan:
-    """Pack every GPU model's max_replicas onto ``nodes``; raise PlanError naming a model that does not fit.
+def _grow(placements: list[Placement], nodes: list[Node], used: dict[tuple[int, int], float],
+          max_util: float) -> None:
+    """Share each GPU's room left after the floors toward its replicas' KV targets."""
+    by_gpu: dict[tuple[int, int], list[Placement]] = {}
+    for p in placements:
+        gpu_bytes = nodes[p.node].gpu_memory_gb * 1e9
+        if p.num_gpus >= 1:
+            # A whole-GPU replica: vLLM fills max_util of each GPU, all of it beyond the base is KV.
+            p.budget.kv = max(p.budget.floor, int(max_util * gpu_bytes) - p.budget.base)
+            continue
+        by_gpu.setdefault((p.node, p.gpu_indices[0]), []).append(p)
+    for (n, g), mine in by_gpu.items():
+        gpu_bytes = nodes[n].gpu_memory_gb * 1e9
+        # Shares round up to a hundredth: keep that slack out of the room handed out.
+        room = max_util * gpu_bytes - len(mine) * _STEP * gpu_bytes
+        memory.fill([p.budget for p in mine], room)
+        for p in mine:
+            p.num_gpus = p.gpu_memory_utilization = max(p.num_gpus, _share(p.budget.total, gpu_bytes))
+        used[(n, g)] = sum(p.num_gpus for p in mine)
+
+
+def make_plan(fleet: FleetSpec, nodes: list[Node], kv_seqs: int | None = None, max_util: float = 0.9) -> Plan:
+    """Pack every GPU model's max_replicas onto ``nodes``; raise PlanError naming a model whose
+    floor does not fit.
 
     Models are placed largest first (tensor-parallel ones, then by memory); all replicas of a
     model go to one GPU type (the first in ``nodes`` where they all fit), so one GPU share and
@@ -175,11 +173,8 @@ def make_plan(fleet: FleetSpec, nodes: list[Node], kv_seqs: int = 16, max_util: 
     for i, spec in enumerate(fleet.models):
         if spec.resources.accelerator == "cpu":
             continue
-        try:
-            wanted.append((i, spec, budget(spec, kv_seqs)))
-        except (PlanError, FileNotFoundError, ValueError) as e:
-            raise PlanError(f"model {spec.name!r}: {e}", i, "source") from None
-    wanted.sort(key=lambda x: (-x[2].gpus, -x[2].total))
+        wanted.append((i, spec, budget(spec, kv_seqs, i)))
+    wanted.sort(key=lambda x: (-x[2].gpus, -(x[2].base + x[2].floor)))
     placements: list[Placement] = []
     for i, spec, b in wanted:
         asked = spec.resources.accelerator_type
@@ -203,39 +198,44 @@ def make_plan(fleet: FleetSpec, nodes: list[Node], kv_seqs: int = 16, max_util: 
                 break
             best = max(best, (len(mine), gpu_type))
         else:
-            placed_count, gpu_type = best
-            biggest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpu_memory_gb)
-            need, room = b.total / 1e9, max_util * biggest.gpu_memory_gb
-            widest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpus)
-            if b.gpus > widest.gpus:
-                what = (f"tensor_parallel_size {b.gpus} needs {b.gpus} GPUs on one node; the largest node has "
-                        f"{widest.gpus} ({widest.gpus}x{widest.gpu_name})")
-                hint = f"lower tensor_parallel_size or add a node with {b.gpus} GPUs"
-            elif need > room:
-                what = (f"needs {need:.1f} GB per GPU (weights {b.weights / 1e9:.1f}, KV {b.kv / 1e9:.1f} for "
-                        f"{b.kv_seqs} x {b.max_model_len} tokens, overhead {b.overhead / 1e9:.1f}), more than "
-                        f"{max_util:.0%} of a {biggest.gpu_name} ({room:.1f} GB)")
-                hint = "raise tensor_parallel_size, lower engine.max_model_len, or quantize"
-            else:
-                what = (f"replica {placed_count + 1} of {spec.autoscaling.max_replicas} finds no GPU with room "
-                        f"left (after the larger models)")
-                hint = "add GPUs or lower max_replicas"
-            raise PlanError(f"model {spec.name!r} does not fit: {what}; {hint}", i, "")
+            raise PlanError(_refusal(spec, b, nodes, types, best[0], max_util), i, "")
+    _grow(placements, nodes, used, max_util)
     order = [s.name for s in fleet.models]
     placements.sort(key=lambda p: (order.index(p.model), p.replica))
     return Plan(nodes, placements, used)
 
 
+def _refusal(spec: ModelSpec, b: ReplicaNeed, nodes: list[Node], types: list[str], placed_count: int,
+             max_util: float) -> str:
+    biggest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpu_memory_gb)
+    need, room = (b.base + b.floor) / 1e9, max_util * biggest.gpu_memory_gb
+    widest = max((n for n in nodes if n.gpu_type in types), key=lambda n: n.gpus)
+    if b.gpus > widest.gpus:
+        what = (f"tensor_parallel_size {b.gpus} needs {b.gpus} GPUs on one node; the largest node has "
+                f"{widest.gpus} ({widest.gpus}x{widest.gpu_name})")
+        hint = f"lower tensor_parallel_size or add a node with {b.gpus} GPUs"
+    elif need > room:
+        what = (f"needs at least {need:.1f} GB per GPU (weights {b.weights / 1e9:.1f}, KV floor "
+                f"{b.floor / 1e9:.1f} for one {b.max_model_len}-token sequence, overhead {b.overhead / 1e9:.1f}), "
+                f"more than {max_util:.0%} of a {biggest.gpu_name} ({room:.1f} GB)")
+        hint = "raise tensor_parallel_size, lower engine.max_model_len, or quantize"
+    else:
+        what = (f"replica {placed_count + 1} of {spec.autoscaling.max_replicas} finds no GPU with room "
+                f"left (after the larger models)")
+        hint = "add GPUs or lower max_replicas"
+    return f"model {spec.name!r} does not fit: {what}; {hint}"
+
+
 def planned_fleet(fleet_data: dict[str, Any], fleet: FleetSpec, plan: Plan) -> dict[str, Any]:
     """The fleet as written, with each planned model's GPU share and memory fraction set."""
-    import copy
-
     out = copy.deepcopy(fleet_data)
     for raw, spec in zip(out["models"], fleet.models, strict=True):
         mine = plan.for_model(spec.name)
         if not mine:
             continue
-        first = mine[0]
+        # Replicas on different GPUs may have been given different shares; the smallest keeps
+        # every GPU within its plan.
+        first = min(mine, key=lambda p: p.num_gpus)
         raw.setdefault("engine", {})["gpu_memory_utilization"] = first.gpu_memory_utilization
         resources = dict(raw.get("resources") or {})
         if first.num_gpus < 1:
@@ -250,13 +250,14 @@ def planned_fleet(fleet_data: dict[str, Any], fleet: FleetSpec, plan: Plan) -> d
 
 def render_table(plan: Plan) -> str:
     rows = [("MODEL", "REPLICA", "CLASS", "PARAMS", "NODE", "GPUS", "NUM_GPUS", "GPU_MEM_UTIL", "WEIGHTS",
-             "KV", "BUDGET")]
+             "KV_FLOOR", "KV", "KV_TOKENS", "FULL_SEQS", "BUDGET")]
     for p in plan.placements:
         node = plan.nodes[p.node]
         b = p.budget
         rows.append((p.model, str(p.replica + 1), b.size_class, f"{b.parameters / 1e9:.2f}B",
                      f"{node.index}:{node.gpu_name}", ",".join(map(str, p.gpu_indices)), f"{p.num_gpus:g}",
-                     f"{p.gpu_memory_utilization:.2f}", f"{b.weights / 1e9:.2f} GB", f"{b.kv / 1e9:.2f} GB",
+                     f"{p.gpu_memory_utilization:.2f}", f"{b.weights / 1e9:.2f} GB", f"{b.floor / 1e9:.2f} GB",
+                     f"{b.kv / 1e9:.2f} GB", f"{b.kv_tokens:,}", f"{b.full_sequences:.1f} x {b.max_model_len}",
                      f"{b.total / 1e9:.2f} GB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]

@@ -277,6 +277,14 @@ class ModelSpec(_Strict):
         default_factory=RequestLimits,
         description="Request caps for this model; unset fields fall back to gateway.limits.",
     )
+    kv_cache_tokens: int | None = Field(
+        None, ge=1,
+        description=(
+            "KV-cache tokens one replica should hold: the memory plan's target (`slm plan`, and the KV space "
+            "`slm serve` gives a CPU replica). Unset: the autoscaler's target concurrency at full length, "
+            "min(max_num_seqs, target_queue_depth) x max_model_len. The floor is one max_model_len sequence."
+        ),
+    )
     max_ongoing_requests: int = Field(
         1024,
         ge=1,

@@ -33,6 +33,8 @@ class FleetState:
     def __init__(self) -> None:
         self._models: dict[str, dict[str, Any]] = {}
         self._engine_metrics: dict[str, tuple[float, str]] = {}
+        self._start_failures: dict[str, dict[str, Any]] = {}
+        self._memory: dict[str, dict[str, Any]] = {}
 
     def record(self, model: str, snapshot: dict[str, Any]) -> None:
         snapshot = dict(snapshot)
@@ -40,7 +42,23 @@ class FleetState:
         self._models[model] = snapshot
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        return self._models
+        """Per model: the policy's snapshot, and ``start_failure`` while its replicas fail to start."""
+        out = {m: dict(s) for m, s in self._models.items()}
+        for model, failure in self._start_failures.items():
+            out.setdefault(model, {})["start_failure"] = failure
+        for model, memory in self._memory.items():
+            out.setdefault(model, {})["memory"] = memory
+        return out
+
+    def record_start(self, model: str, failure: dict[str, Any] | None, memory: dict[str, Any] | None = None) -> None:
+        """A replica of ``model`` started (``failure`` None: clears the last failure) or failed;
+        ``memory``: the KV-cache space it planned (shown in /fleet)."""
+        if failure is None:
+            self._start_failures.pop(model, None)
+        else:
+            self._start_failures[model] = failure
+        if memory:
+            self._memory[model] = memory
 
     def record_engine_metrics(self, replica: str, text: str) -> None:
         """A replica's vLLM metrics (Prometheus text, already labelled with the replica)."""

@@ -95,7 +95,6 @@ def serve_stack(
         fleet = path
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.update(env_extra or {})
     cmd = [*(command_prefix or []), sys.executable, "-m", "orchestrator.cli", "serve",
            "--host", "127.0.0.1", "--port", str(port)]

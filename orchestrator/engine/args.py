@@ -42,9 +42,14 @@ def accelerator(spec: ModelSpec) -> str:
     return "cpu" if installed_vllm_build() in ("cpu", "none") else "gpu"
 
 
-def engine_choices(spec: ModelSpec) -> dict[str, Any]:
-    """The few engine arguments the orchestrator chooses, each only if the fleet did not."""
+def engine_choices(spec: ModelSpec, kv_cache_bytes: int | None = None) -> dict[str, Any]:
+    """The few engine arguments the orchestrator chooses, each only if the fleet did not.
+
+    ``kv_cache_bytes``: a CPU replica's KV space from the fleet's memory plan
+    (``orchestrator.memory``), given only where the fleet sets no memory knob itself."""
     chosen: dict[str, Any] = {}
+    if kv_cache_bytes is not None and accelerator(spec) == "cpu" and "kv_cache_memory_bytes" not in spec.engine:
+        chosen["kv_cache_memory_bytes"] = int(kv_cache_bytes)
     if spec.task == "embed" and "runner" not in spec.engine:
         chosen["runner"] = "pooling"
     if accelerator(spec) == "cpu" and "dtype" not in spec.engine:
@@ -53,6 +58,20 @@ def engine_choices(spec: ModelSpec) -> dict[str, Any]:
         # GPUs: Ray workers in the replica's placement group. CPU: one local process per rank.
         chosen.setdefault("distributed_executor_backend", "ray" if accelerator(spec) == "gpu" else "mp")
     return chosen
+
+
+def engine_environment(spec: ModelSpec) -> dict[str, str]:
+    """Environment variables the engine processes get, each only where neither the fleet's
+    ``env`` nor the process's environment sets it.
+
+    On CPUs, VLLM_USE_AOT_COMPILE=0: vLLM 0.32 with torch 2.13 saves an ahead-of-time
+    compiled artifact that it then cannot load ("'function' object has no attribute
+    'finalize_loading'"), so every start of an engine compiled again. Its other path
+    compiles the same graphs with the same settings and reuses torch's compile caches
+    across starts (see the README's "Memory planning" for the measured start times)."""
+    if accelerator(spec) == "cpu":
+        return {"VLLM_USE_AOT_COMPILE": "0"}
+    return {}
 
 
 def _config_type(annotation: Any) -> type | None:
@@ -85,17 +104,19 @@ def _normalise(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None, draft_path: str | None = None):
+def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None, draft_path: str | None = None,
+                    kv_cache_bytes: int | None = None):
     """(AsyncEngineArgs, FrontendArgs) for a model, and the choices made, for logging.
 
-    ``draft_path``: the resolved draft model of a ``speculative: {draft: ...}`` block."""
+    ``draft_path``: the resolved draft model of a ``speculative: {draft: ...}`` block;
+    ``kv_cache_bytes``: see ``engine_choices``."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
     from orchestrator.engine.speculative import speculative_config
 
     engine_kwargs, frontend_kwargs = split_engine_args(spec.engine)
-    choices = engine_choices(spec)
+    choices = engine_choices(spec, kv_cache_bytes)
     for key, value in choices.items():
         engine_kwargs.setdefault(key, value)
     engine_kwargs["model"] = model_path

@@ -59,8 +59,9 @@ class LaneServer(ModelServer):
 
     The gateway keeps calling it through its handle (``call``, ``stream``) for ``/v1``."""
 
-    async def __init__(self, model: dict[str, Any], fleet: dict[str, Any], fleet_app: str):
-        await super().__init__(model, fleet_app)
+    async def __init__(self, model: dict[str, Any], fleet: dict[str, Any], fleet_app: str,
+                       memory_peers: list[dict[str, Any]] | None = None):
+        await super().__init__(model, fleet_app, memory_peers)
         self.fleet = FleetSpec.model_validate(fleet)
         self.admission = Admission(self.fleet, fleet_app, self._replica_id, audit_fallback=True)
         self._created = int(time.time())

@@ -31,9 +31,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orchestrator import console_logging, errors, metrics, sources, wire
+from orchestrator import console_logging, errors, metrics, sources, startup, wire
 from orchestrator.engine import openai_compat, speculative
-from orchestrator.engine.args import accelerator, build_vllm_args
+from orchestrator.engine.args import accelerator, build_vllm_args, engine_environment
 from orchestrator.spec import ModelSpec
 
 log = logging.getLogger("orchestrator.engine")
@@ -156,19 +156,66 @@ def _error_body(exc: BaseException) -> tuple[int, bytes]:
     return status, json.dumps(body).encode()
 
 
+def _node_cpus() -> float | None:
+    """Logical CPUs (Ray's CPU resource) of the node this replica runs on."""
+    try:
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id:
+                return float(node.get("Resources", {}).get("CPU", 0)) or None
+    except Exception:  # noqa: BLE001 - outside Ray: plan as if every replica shares the node
+        return None
+    return None
+
+
 class ModelServer:
     """A replica of one model. Built by ``orchestrator.app`` as a Ray Serve deployment."""
 
-    async def __init__(self, model: dict[str, Any], fleet_app: str | None = None):
+    async def __init__(self, model: dict[str, Any], fleet_app: str | None = None,
+                       memory_peers: list[dict[str, Any]] | None = None):
+        """``memory_peers``: the CPU models this replica may share its node with (see
+        ``orchestrator.memory.plan_inputs``); a CPU replica plans its KV cache from them."""
         self.spec = ModelSpec.model_validate(model)
+        self._memory: dict[str, Any] = {}
         self._fleet_app = fleet_app  # whose fleet-state actor gets the metrics (default: this app's)
         console_logging()
+        log_path = startup.own_log_path()
+        offset = startup.log_size(log_path)
+        try:
+            await self._start(memory_peers)
+        except Exception as e:  # noqa: BLE001 - summarised, then raised without the wrappers
+            cause = startup.root_cause(e, log_path, offset)
+            failure = {"error": cause, "advice": startup.advice(cause), "log": log_path, "at": time.time()}
+            log.error("model %s: failed to start: %s (%s; full log: %s)", self.spec.name, cause, failure["advice"],
+                      log_path or "the replica's Ray worker log")
+            engine = getattr(self, "engine", None)
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    engine.shutdown()
+                self.engine = None
+            await self._report_start(failure)
+            raise errors.ModelStartFailed(
+                f"model '{self.spec.name}' failed to start: {cause} -- {failure['advice']} "
+                f"(full log: {log_path or 'the replica Ray worker log'})") from None
+        await self._report_start(None)
+
+    async def _start(self, memory_peers: list[dict[str, Any]] | None) -> None:
+        kv_cache_bytes = None
+        if memory_peers and accelerator(self.spec) == "cpu":
+            kv_cache_bytes = await asyncio.to_thread(self._plan_kv_cache, memory_peers)
+        for key, value in engine_environment(self.spec).items():
+            if key not in os.environ:  # the fleet's env (Ray sets it before this runs) wins
+                os.environ[key] = value
+                log.info("model %s: chose %s=%s (set env.%s in the fleet to override)", self.spec.name, key, value, key)
         path, revision = await asyncio.to_thread(sources.resolve, self.spec.source)
         draft = await asyncio.to_thread(speculative.resolve_draft, self.spec, path)
-        engine_args, frontend_args, choices = build_vllm_args(self.spec, path, revision, draft)
+        engine_args, frontend_args, choices = build_vllm_args(self.spec, path, revision, draft, kv_cache_bytes)
         for key, value in choices.items():
-            log.info("model %s: chose %s=%r (set engine.%s in the fleet to override)",
-                     self.spec.name, key, value, key)
+            shown = f"{value!r} ({value / 2**30:.2f} GiB, the fleet's memory plan)" \
+                if key == "kv_cache_memory_bytes" else repr(value)
+            log.info("model %s: chose %s=%s (set engine.%s in the fleet to override)", self.spec.name, key, shown, key)
         self._engine_args = engine_args
         self.load = EngineLoad()
         self._outbox = wire.Outbox()
@@ -179,6 +226,44 @@ class ModelServer:
         log.info("model %s: engine ready (%s)", self.spec.name, accelerator(self.spec))
 
     # -- start-up -------------------------------------------------------------------------
+
+    def _plan_kv_cache(self, peers: list[dict[str, Any]]) -> int | None:
+        """This CPU replica's KV bytes from the fleet's memory plan on its node (None: the
+        fleet set its own, or the model's size is unknown); raises memory.PlanError when the
+        replicas that may share the node cannot fit."""
+        from orchestrator import memory
+
+        specs = [ModelSpec.model_validate(p) for p in peers]
+        if all(s.name != self.spec.name for s in specs):
+            specs.append(ModelSpec.model_validate(memory.plan_inputs(self.spec)))
+        node = memory.node_memory()
+        plan = memory.plan_cpu(specs, node, is_cpu=lambda m: accelerator(m) == "cpu", node_cpus=_node_cpus())
+        kv = plan.kv_cache_bytes(self.spec.name)
+        need = plan.needs.get(self.spec.name)
+        if need is not None:
+            self._memory = {"kv_cache_bytes": need.kv, "kv_cache_tokens": need.kv_tokens,
+                            "kv_cache_source": need.fixed_how or "memory plan",
+                            "kv_cache_floor_bytes": need.floor, "kv_cache_target_bytes": need.target,
+                            "node_memory_bytes": node}
+            if kv is not None and not need.target_met:
+                log.warning("model %s: %s", self.spec.name, plan.shortfalls()[0] if plan.shortfalls() else "")
+        return kv
+
+    async def _report_start(self, failure: dict[str, Any] | None) -> None:
+        """Tell the fleet state how this start went (the gateway shows it in /fleet and
+        answers requests held for a model that cannot start); never fails the start."""
+        from orchestrator.autoscaling import state
+
+        try:
+            from ray import serve
+
+            app = self._fleet_app or serve.get_replica_context().app_name
+            # A failure is worth creating the actor for (the gateway may not have yet).
+            actor = await asyncio.to_thread(state.get_or_create if failure else state.lookup, app)
+            if actor is not None:
+                await asyncio.wait_for(actor.record_start.remote(self.spec.name, failure, self._memory or None), 5)
+        except Exception as e:  # noqa: BLE001 - visibility only
+            log.debug("model %s: start report failed: %r", self.spec.name, e)
 
     async def _start_engine(self, engine_args):
         from vllm.usage.usage_lib import UsageContext

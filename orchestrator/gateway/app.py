@@ -166,6 +166,10 @@ class _Hold:
         if not self.held:
             self.held = True
             self.gateway.metrics.held.labels(name).inc()
+        failure = await self.gateway._start_failure(name)
+        if failure is not None:
+            return errors.ModelStartFailed(
+                f"The model '{name}' cannot start: {failure.get('error')} ({failure.get('advice')})")
         if elapsed >= self.spec.autoscaling.cold_start_timeout_s:
             return errors.NoReadyReplica(
                 f"The model '{name}' has no ready replica after {self.spec.autoscaling.cold_start_timeout_s:g}s "
@@ -597,6 +601,10 @@ class Gateway:
         states = await self._replica_states()
         return states.get(model, {}).get("RUNNING", 0) > 0
 
+    async def _start_failure(self, model: str) -> dict[str, Any] | None:
+        """Why ``model``'s last replica start failed, while no replica of it has started since."""
+        return (await self._autoscaler_state()).get(model, {}).get("start_failure")
+
     def _ensure_state_actor(self):
         if self._state_actor is None and self._app_name:
             try:
@@ -659,6 +667,18 @@ class Gateway:
             out[m.name] = view
         return out
 
+    @staticmethod
+    def _kv_view(m: ModelSpec, footprint: dict[str, Any] | None, planned: dict[str, Any] | None) -> dict[str, Any]:
+        """A replica's KV-cache space and where it comes from: what the replica planned (the
+        fleet's memory plan, or the fleet's own setting), else vLLM's own sizing."""
+        if planned:
+            return {k: planned.get(k) for k in ("kv_cache_bytes", "kv_cache_tokens", "kv_cache_source",
+                                                "kv_cache_floor_bytes", "kv_cache_target_bytes")}
+        explicit = m.engine.get("kv_cache_memory_bytes")
+        per_token = (footprint or {}).get("kv_bytes_per_token")
+        return {"kv_cache_bytes": explicit, "kv_cache_source": "engine.kv_cache_memory_bytes" if explicit else "vllm",
+                "kv_cache_tokens": explicit // per_token if explicit and per_token else None}
+
     async def _model_views(self, engine_texts: list[str] | None = None) -> list[dict[str, Any]]:
         if self._static_views is None:
             self._static_views = await asyncio.to_thread(self._describe_models)
@@ -671,6 +691,7 @@ class Gateway:
         for m in self.fleet.models:
             s = states.get(m.name, {})
             snap = scaler.get(m.name) or {}
+            static = self._static_views.get(m.name, {})
             running = s.get("RUNNING", 0)
             starting = sum(s.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"))
             target = (snap.get("replicas") or {}).get("target", m.autoscaling.min_replicas)
@@ -688,6 +709,8 @@ class Gateway:
                     "starting": starting,
                     "draining": s.get("STOPPING", 0),
                     "target": target,
+                    # Why the last replica start failed (cause, advice, log), until one starts.
+                    "last_error": snap.get("start_failure"),
                 },
                 "autoscaling": {
                     "min_replicas": a.min_replicas,
@@ -698,7 +721,9 @@ class Gateway:
                     "decisions": snap.get("decisions", {"up": 0, "down": 0}),
                 },
                 "routing": {"policy": m.routing.policy},
-                **self._static_views.get(m.name, {}),
+                **static,
+                "footprint": {**(static.get("footprint") or {}),
+                              **self._kv_view(m, static.get("footprint"), snap.get("memory"))},
                 "speculative": self._speculative_view(m, spec_totals.get(m.name, {})),
             })
         return views

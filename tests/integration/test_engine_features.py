@@ -38,16 +38,15 @@ def spec_stack(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("engine-features")
     # enforce_eager: skip torch.compile so four engines start in ~2 min on 2 cores.
     engine = {"max_model_len": 1024, "max_num_seqs": 8, "enforce_eager": True}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     fleet = {"models": [
-        {"name": SMOL, "source": SMOL_SOURCE, "engine": engine, "env": env},
-        {"name": SMOL_DRAFT, "source": SMOL_SOURCE, "engine": engine, "env": env,
+        {"name": SMOL, "source": SMOL_SOURCE, "engine": engine},
+        {"name": SMOL_DRAFT, "source": SMOL_SOURCE, "engine": engine,
          "speculative": {"draft": {"derive_layers": 4}, "num_speculative_tokens": 3}},
-        {"name": TINY, "source": str(tiny_model), "engine": engine, "env": env},
-        {"name": TINY_NGRAM, "source": str(tiny_model), "engine": engine, "env": env,
+        {"name": TINY, "source": str(tiny_model), "engine": engine},
+        {"name": TINY_NGRAM, "source": str(tiny_model), "engine": engine,
          "speculative": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}},
         # Tensor parallelism on CPU: two engine processes, each bound to one core.
-        {"name": TINY_TP2, "source": str(tiny_model), "engine": {**engine, "tensor_parallel_size": 2}, "env": env,
+        {"name": TINY_TP2, "source": str(tiny_model), "engine": {**engine, "tensor_parallel_size": 2},
          "resources": {"accelerator": "cpu", "num_cpus": 2}},
     ]}
     path = d / "fleet.yaml"

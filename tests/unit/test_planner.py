@@ -44,25 +44,33 @@ def test_tensor_parallel_replicas_take_whole_gpus_of_one_node():
 
 
 def test_packing_spills_to_the_next_gpu():
-    # Qwen3-1.7B at 8k context: ~3.4 GB weights + 15 GB KV + overhead ~19.8 GB = 0.85 of a 24 GB L4.
-    plan = planner.make_plan(fleet(model("m", "hf://Qwen/Qwen3-1.7B", 2, max_model_len=8192)),
+    # Qwen3-1.7B at 32k context: floor ~3.4 GB weights + 3.8 GB KV (one sequence) + 1.4 GB overhead
+    # = 0.36 of a 24 GB L4; three replicas do not share one L4, two do.
+    plan = planner.make_plan(fleet(model("m", "hf://Qwen/Qwen3-1.7B", 3, max_model_len=32768)),
                              planner.parse_gpus("2xL4-24GB"))
-    assert [p.gpu_indices for p in plan.placements] == [[0], [1]]
+    assert sorted(p.gpu_indices[0] for p in plan.placements) == [0, 0, 1]
+    assert all(p.budget.kv >= p.budget.floor for p in plan.placements)
 
 
 def test_a_model_too_big_for_any_gpu_is_refused_by_name():
-    with pytest.raises(planner.PlanError, match=r"model 'phi' does not fit: needs .* more than 90% of a T4-16GB"):
-        planner.make_plan(fleet(model("phi", "hf://microsoft/Phi-4-mini-instruct", max_model_len=32768)),
+    # Qwen3-4B at 40k context: 8.0 GB weights + 6.0 GB KV floor + 1.8 GB overhead > 90% of 16 GB.
+    with pytest.raises(planner.PlanError, match=r"model 'q4' does not fit: needs at least .* KV floor .* for one "
+                                                r"40960-token sequence.* more than 90% of a T4-16GB"):
+        planner.make_plan(fleet(model("q4", "hf://Qwen/Qwen3-4B", max_model_len=40960)),
                           planner.parse_gpus("4xT4-16GB"))
 
 
-def test_kv_budget_is_max_num_seqs_x_max_model_len_x_kv_bytes_per_token():
+def test_kv_floor_is_one_max_model_len_sequence_and_target_the_queue_depth_target():
     from orchestrator.footprint import CATALOG, kv_bytes_per_token
 
+    per_token = kv_bytes_per_token(CATALOG["Qwen/Qwen3-0.6B"], "bfloat16")
     spec = fleet(model("q", "hf://Qwen/Qwen3-0.6B", max_model_len=4096, max_num_seqs=8)).models[0]
-    b = planner.budget(spec, kv_seqs=16)  # max_num_seqs (8) below --kv-seqs (16) caps the KV room
-    assert b.kv == kv_bytes_per_token(CATALOG["Qwen/Qwen3-0.6B"], "bfloat16") * 4096 * 8
-    assert (b.kv_seqs, b.max_model_len, b.size_class) == (8, 4096, "micro")
+    b = planner.budget(spec)
+    assert b.floor == per_token * (4096 + 16)  # whole 16-token blocks, one spare
+    assert b.target == per_token * 4096 * 8  # min(max_num_seqs 8, target_queue_depth 8) sequences
+    assert (b.max_model_len, b.size_class) == (4096, "micro")
+    assert planner.budget(spec, kv_seqs=16).target == per_token * 4096 * 8  # --kv-seqs capped by max_num_seqs
+    assert planner.budget(spec, kv_seqs=2).target == per_token * 4096 * 2
 
 
 def test_a_tensor_parallel_model_wider_than_any_node_is_refused_by_name():
@@ -73,8 +81,8 @@ def test_a_tensor_parallel_model_wider_than_any_node_is_refused_by_name():
 
 
 def test_running_out_of_gpus_is_refused_by_name():
-    with pytest.raises(planner.PlanError, match=r"model 'm' does not fit: replica 3 of 3 finds no GPU"):
-        planner.make_plan(fleet(model("m", "hf://Qwen/Qwen3-1.7B", 3, max_model_len=8192)),
+    with pytest.raises(planner.PlanError, match=r"model 'm' does not fit: replica 5 of 5 finds no GPU"):
+        planner.make_plan(fleet(model("m", "hf://Qwen/Qwen3-1.7B", 5, max_model_len=32768)),
                           planner.parse_gpus("2xL4-24GB"))
 
 
@@ -104,7 +112,7 @@ def test_slm_plan_cli(tmp_path, capsys):
     assert cli.main(["plan", "-f", str(path), "--gpus", "1xL4-24GB", "--write", str(out)]) == 0
     captured = capsys.readouterr()
     assert "q " in captured.out and "0:L4-24GB" in captured.out
-    assert "not planned (CPU models): e" in captured.err
+    assert "e: 1 replica(s) x weights" in captured.out  # the CPU model: planned against this machine's memory
     planned = parse_fleet(__import__("yaml").safe_load(out.read_text()))
     assert 0 < planned.models[0].resources.num_gpus < 1
 
@@ -116,3 +124,46 @@ def test_slm_plan_refusal_exits_2_naming_file_and_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}: models[0]: model 'big' does not fit" in err
     assert cli.main(["plan", "-f", str(path), "--gpus", "lots"]) == 2
+
+
+FOUR_SMALL = [model("q3", "hf://Qwen/Qwen3-0.6B"), model("q3b", "hf://Qwen/Qwen3-0.6B"),
+              model("q17", "hf://Qwen/Qwen3-1.7B"), model("llama", "hf://meta-llama/Llama-3.2-1B-Instruct")]
+
+
+def test_four_small_models_at_full_context_share_one_h100():
+    """Budgeting KV for many full-context sequences refused this; their floors fit easily."""
+    plan = planner.make_plan(fleet(*FOUR_SMALL), planner.parse_gpus("1xH100-80GB"))
+    assert [p.model for p in plan.placements] == ["q3", "q3b", "q17", "llama"]
+    assert sum(p.num_gpus for p in plan.placements) <= 0.9 + 1e-9
+    for p in plan.placements:
+        b = p.budget
+        assert b.floor <= b.kv <= b.target  # the room left is shared toward the targets
+        assert b.full_sequences >= 1
+        assert p.num_gpus * 80e9 >= b.total
+    # Their targets (8 full-context sequences each) do not all fit: a warning per model, not a refusal.
+    assert len(plan.shortfalls()) == 4
+
+
+def test_targets_that_fit_are_met_and_no_more():
+    plan = planner.make_plan(fleet(model("q", "hf://Qwen/Qwen3-0.6B", 2, max_model_len=4096)),
+                             planner.parse_gpus("1xH100-80GB"))
+    assert all(p.budget.kv == p.budget.target for p in plan.placements)
+    assert plan.shortfalls() == []
+
+
+def test_tensor_parallel_phi4_mini_on_l4s_is_still_refused_by_name():
+    with pytest.raises(planner.PlanError, match=r"model 'phi' does not fit: tensor_parallel_size 4 needs 4 GPUs"):
+        planner.make_plan(fleet(model("phi", "hf://microsoft/Phi-4-mini-instruct", tensor_parallel_size=4)),
+                          planner.parse_gpus("2xL4-24GB"))
+
+
+def test_slm_plan_of_the_four_small_models_prints_shares_and_kv_tokens(tmp_path, capsys):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(__import__("yaml").safe_dump({"models": FOUR_SMALL}))
+    assert cli.main(["plan", "-f", str(path), "--gpus", "1xH100-80GB"]) == 0
+    captured = capsys.readouterr()
+    header = captured.out.splitlines()[0].split()
+    assert {"NUM_GPUS", "KV_FLOOR", "KV_TOKENS", "FULL_SEQS"} <= set(header)
+    for name in ("q3 ", "q3b ", "q17 ", "llama "):
+        assert name in captured.out
+    assert "warning: model 'q3': KV for" in captured.err
