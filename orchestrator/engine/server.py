@@ -181,13 +181,13 @@ class ModelServer:
         self._memory: dict[str, Any] = {}
         self._fleet_app = fleet_app  # whose fleet-state actor gets the metrics (default: this app's)
         console_logging()
-        log_path = startup.own_log_path()
-        offset = startup.log_size(log_path)
+        logs = startup.own_logs()
+        log_path = next(reversed(logs), None)  # stderr's, where Ray's own errors go too
         try:
             await self._start(memory_peers)
         except Exception as e:  # noqa: BLE001 - summarised, then raised without the wrappers
-            cause = startup.root_cause(e, log_path, offset)
-            failure = {"error": cause, "advice": startup.advice(cause), "log": log_path, "at": time.time()}
+            cause, advice = startup.diagnose(e, logs)
+            failure = {"error": cause, "advice": advice, "log": log_path, "at": time.time()}
             log.error("model %s: failed to start: %s (%s; full log: %s)", self.spec.name, cause, failure["advice"],
                       log_path or "the replica's Ray worker log")
             engine = getattr(self, "engine", None)

@@ -43,7 +43,7 @@ def test_the_engine_wrapper_reads_the_cause_from_the_replica_log(tmp_path):
     offset = log.stat().st_size
     log.write_text(log.read_text() + ENGINE_LOG)
     exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
-    cause = startup.root_cause(exc, str(log), offset)
+    cause = startup.root_cause(exc, {str(log): offset})
     assert cause.startswith("ValueError: Available memory on node 0 (8.88/11.46 GiB) on startup")
     assert "max_replicas" in startup.advice(cause)
     # Without the log the wrapper is all there is.
@@ -77,3 +77,71 @@ def test_tracebacks_are_folded_to_one_line_and_other_lines_pass():
     assert text.count("(a traceback, not shown: see /tmp/ray/session_latest/logs)") == 1  # adjacent blocks: one note
     assert "[slm] model 'm' failed to start: ValueError" in text
     assert text.endswith("progress 50%")
+
+
+def test_a_failure_inside_weight_loading_is_about_the_weights_whatever_its_type(tmp_path):
+    """vLLM reads a safetensors header with json.loads(f.read(length)): garbage for a length
+    raises an OverflowError there."""
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+
+    def parse_safetensors_file_metadata(path):
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            return f.read(length)
+
+    try:
+        parse_safetensors_file_metadata(bad)
+    except OverflowError as e:
+        cause, hint = startup.diagnose(e)
+    assert cause.startswith("OverflowError: ")
+    assert hint == startup.WEIGHTS_ADVICE
+    assert startup.diagnose(OverflowError("elsewhere"))[1] == startup.GENERIC_ADVICE
+
+
+def test_the_child_process_frames_in_the_log_count_too(tmp_path):
+    log = tmp_path / "worker.err"
+    log.write_text("(EngineCore pid=9) ERROR [core.py:900] Traceback (most recent call last):\n"
+                   '(EngineCore pid=9) ERROR [core.py:900]   File "/x/vllm/model_executor/model_loader/'
+                   'weight_utils.py", line 9, in safetensors_weights_iterator\n'
+                   "(EngineCore pid=9) ERROR [core.py:900] KeyError: 'model.layers.0.mlp.up_proj.weight'\n")
+    exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    cause, hint = startup.diagnose(exc, {str(log): 0})
+    assert cause == "KeyError: 'model.layers.0.mlp.up_proj.weight'"
+    assert hint == startup.WEIGHTS_ADVICE
+
+
+def test_a_pydantic_validation_error_gives_its_message_not_its_title():
+    from pydantic import BaseModel, field_validator
+
+    class ModelConfig(BaseModel):
+        max_model_len: int
+
+        @field_validator("max_model_len")
+        @classmethod
+        def _check(cls, v):
+            raise ValueError(f"User-specified max_model_len ({v}) is greater than the derived max_model_len (2048)")
+
+    try:
+        ModelConfig(max_model_len=1_000_000)
+    except Exception as e:
+        cause, hint = startup.diagnose(e)
+    assert cause == ("ValidationError: max_model_len: User-specified max_model_len (1000000) is greater than the "
+                     "derived max_model_len (2048)")
+    assert hint == "lower engine.max_model_len to what the model supports"
+
+
+def test_the_cause_is_read_from_stdout_and_stderr_logs(tmp_path):
+    out, err = tmp_path / "w.out", tmp_path / "w.err"
+    out.write_text("(Worker pid=1) ERROR 12-01 16:59:14 [multiproc_executor.py:953] "
+                   "safetensors._safetensors_rust.SafetensorError: Error while deserializing header: incomplete "
+                   "metadata, file not fully covered\n"
+                   "(EngineCore pid=2) ERROR 12-01 16:59:16 [core.py:1510] Exception: WorkerProc initialization "
+                   "failed due to an exception in a background process. See stack trace for root cause.\n")
+    err.write_text("Process EngineCore:\nTraceback (most recent call last):\nException: WorkerProc initialization "
+                   "failed due to an exception in a background process. See stack trace for root cause.\n")
+    exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    cause, hint = startup.diagnose(exc, {str(out): 0, str(err): 0})
+    assert cause == ("SafetensorError: Error while deserializing header: incomplete metadata, file not fully "
+                     "covered")
+    assert hint == startup.WEIGHTS_ADVICE
