@@ -397,7 +397,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 return EXIT_BAD_INPUT
             where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "")
             raise FleetValidationError(args.file, [FieldError(where, str(e))]) from None
-    cpu_text = _plan_cpu_memory(fleet, args.file, cpu_memory, on_cpu)
+    # With --gpus, CPU models are planned only for a machine named with --cpu-memory (the
+    # machine running `slm plan` is rarely where they will run).
+    cpu_text = _plan_cpu_memory(fleet, args.file, cpu_memory, on_cpu) if cpu_memory or not args.gpus else ""
+    skipped = [m.name for m in fleet.models if on_cpu(m)] if args.gpus and not cpu_memory else []
     if plan is not None and args.json:
         print(json.dumps([{
             "model": p.model, "replica": p.replica + 1, "node": p.node, "gpu_type": plan.nodes[p.node].gpu_type,
@@ -415,6 +418,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             _say(f"warning: {line}")
     if cpu_text:
         print(cpu_text, file=sys.stderr if args.json else sys.stdout)
+    elif skipped:
+        _say(f"not planned (CPU models): {', '.join(skipped)} (give --cpu-memory to plan them)")
     elif plan is None:
         _say("no CPU models to plan here; give --gpus to plan GPU models")
     if args.write and plan is not None:

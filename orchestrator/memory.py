@@ -22,8 +22,8 @@ worker reserves 92% of the node for every replica and the second one cannot star
 
 Example::
 
-    plan = plan_cpu(fleet, node_memory_bytes=24 * GIB)
-    plan.kv_cache_bytes("smollm2")        # bytes of KV each replica of that model gets
+    plan = plan_cpu(fleet.models, 24 * GIB, is_cpu=lambda m: True)
+    plan.kv_cache_bytes("smollm2")        # kv_cache_memory_bytes for each engine worker of that model
     print(render_cpu_plan(plan))
 """
 
@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 from orchestrator import footprint
 from orchestrator.spec import ModelSpec
@@ -140,7 +142,7 @@ def replica_need(spec: ModelSpec, device: str, index: int = 0,
     if shape is None:
         try:
             shape = footprint.source_shape(spec.source)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - a missing file, an odd header: the size is unknown
             raise PlanError(f"model {spec.name!r}: cannot read its size: {e}", index, "source") from None
     if shape is None:
         raise PlanError(f"model {spec.name!r}: {spec.source} is not in the catalog and is not local; its size is "
@@ -226,10 +228,12 @@ class CpuPlan:
     def used(self) -> int:
         return sum(n.total * self.replicas[m] for m, n in self.needs.items())
 
-    def shortfalls(self) -> list[str]:
-        """One line per model whose KV is below its target."""
+    def shortfalls(self, model: str | None = None) -> list[str]:
+        """One line per model (or for ``model``) whose KV is below its target."""
         out = []
         for n in self.needs.values():
+            if model is not None and n.model != model:
+                continue
             if n.fixed_kv is None and not n.target_met:
                 out.append(f"model {n.model!r}: KV for {n.full_sequences:.1f} of its "
                            f"{n.target_tokens / n.max_model_len:.1f} target sequences of {n.max_model_len} tokens "
@@ -237,16 +241,19 @@ class CpuPlan:
         return out
 
 
-def explicit_kv(spec: ModelSpec, node_memory: int) -> tuple[int | None, str]:
-    """The KV (or whole-worker) memory the fleet set for a CPU model itself, if any."""
-    if "kv_cache_memory_bytes" in spec.engine and spec.engine["kv_cache_memory_bytes"] is not None:
+def explicit_kv(spec: ModelSpec, node_memory: int, environ: Mapping[str, str] | None = None) -> tuple[int | None, str]:
+    """The KV (or whole-worker) memory the fleet, or the environment the replicas inherit, set
+    for a CPU model itself, per engine worker (vLLM applies each of these to every worker)."""
+    if spec.engine.get("kv_cache_memory_bytes") is not None:
         return int(spec.engine["kv_cache_memory_bytes"]), "engine.kv_cache_memory_bytes"
-    space = spec.env.get("VLLM_CPU_KVCACHE_SPACE", "")
-    if space.strip():
-        try:
-            return int(space) * GIB, "env.VLLM_CPU_KVCACHE_SPACE"
-        except ValueError:
-            pass  # vLLM reports it at start
+    inherited = os.environ if environ is None else environ
+    for label, env in (("env.VLLM_CPU_KVCACHE_SPACE", spec.env), ("VLLM_CPU_KVCACHE_SPACE (environment)", inherited)):
+        space = env.get("VLLM_CPU_KVCACHE_SPACE", "")
+        if space.strip():
+            try:
+                return int(space) * GIB, label
+            except ValueError:
+                pass  # vLLM reports it at start
     util = spec.engine.get("gpu_memory_utilization")
     if isinstance(util, int | float):
         return int(util * node_memory), "engine.gpu_memory_utilization"  # the whole worker, counted as KV
@@ -268,6 +275,7 @@ def plan_inputs(spec: ModelSpec) -> dict:
                         "target_queue_depth": spec.autoscaling.target_queue_depth},
         "resources": {"accelerator": spec.resources.accelerator, "num_cpus": spec.resources.num_cpus},
         "kv_cache_tokens": spec.kv_cache_tokens,
+        "speculative": spec.speculative.model_dump(mode="json") if spec.speculative else None,
     }
     if "VLLM_CPU_KVCACHE_SPACE" in spec.env:
         out["env"] = {"VLLM_CPU_KVCACHE_SPACE": spec.env["VLLM_CPU_KVCACHE_SPACE"]}
@@ -276,14 +284,15 @@ def plan_inputs(spec: ModelSpec) -> dict:
 
 def plan_cpu(fleet_models: Iterable[ModelSpec], node_memory: int, *, is_cpu: Callable[[ModelSpec], bool],
              node_cpus: float | None = None, reserved: int = CPU_STACK_RESERVED,
-             max_util: float = CPU_MAX_UTIL) -> CpuPlan:
+             max_util: float = CPU_MAX_UTIL, environ: Mapping[str, str] | None = None) -> CpuPlan:
     """Plan every CPU model of a fleet at ``max_replicas`` on one node of ``node_memory`` bytes.
 
     ``node_cpus``: the node's logical CPUs (Ray's ``CPU`` resource); when the fleet's CPU
     replicas reserve more than that, the node can hold only part of them, and each model's
     count is scaled down in proportion (at least one). Raises PlanError naming the model (and
     what to lower) when the replicas' floors do not fit. A model whose size cannot be read
-    keeps vLLM's own sizing unless the fleet set one."""
+    keeps vLLM's own sizing unless the fleet set one. ``environ``: the environment replicas
+    inherit (default: this process's), where VLLM_CPU_KVCACHE_SPACE wins like the fleet's."""
     fleet_models = list(fleet_models)
     spec_index = {m.name: i for i, m in enumerate(fleet_models)}
     fleet_models = [m for m in fleet_models if is_cpu(m)]
@@ -295,18 +304,22 @@ def plan_cpu(fleet_models: Iterable[ModelSpec], node_memory: int, *, is_cpu: Cal
     unknown: list[str] = []
     for spec in fleet_models:
         i = spec_index.get(spec.name, 0)
-        fixed, how = explicit_kv(spec, node_memory)
+        fixed, how = explicit_kv(spec, node_memory, environ)
         try:
             need = replica_need(spec, "cpu", i)
-        except PlanError:
+        except PlanError as e:
+            if e.field != "source":
+                raise
             # Size unknown until the replica fetches it (a hub model outside the catalog):
             # its KV is vLLM's own sizing unless the fleet set one.
             unknown.append(spec.name)
             if fixed is None:
                 continue
-            need = ReplicaNeed(spec.name, i, "cpu", 0, CPU_REPLICA_OVERHEAD + CPU_RANK_OVERHEAD, 1, 1, 1, 1, 1)
+            tp = spec.tensor_parallel_size
+            need = ReplicaNeed(spec.name, i, "cpu", 0, CPU_REPLICA_OVERHEAD + CPU_RANK_OVERHEAD * tp, 1, 1, 1, 1, 1,
+                               ranks=tp)
         if fixed is not None:
-            need.fixed_kv, need.fixed_how = fixed, how
+            need.fixed_kv, need.fixed_how = fixed * need.ranks, how  # per worker, each rank a worker
             if how == "engine.gpu_memory_utilization":
                 need.weights, need.overhead = 0, 0  # vLLM reserves that share for everything
         needs[spec.name] = need
@@ -320,6 +333,9 @@ def plan_cpu(fleet_models: Iterable[ModelSpec], node_memory: int, *, is_cpu: Cal
 
 def _refuse(needs: dict[str, ReplicaNeed], replicas: dict[str, int], floors: dict[str, int], node_memory: int,
             room: int, reserved: int, max_util: float) -> None:
+    if not floors:
+        raise PlanError(f"this node's {node_memory / GIB:.1f} GiB leave no room for model replicas after "
+                        f"{reserved / GIB:.1f} GiB for Ray and the gateway")
     worst = max(floors, key=lambda m: floors[m])
     n, count = needs[worst], replicas[worst]
     others = sum(v for m, v in floors.items() if m != worst)
@@ -336,6 +352,8 @@ def _refuse(needs: dict[str, ReplicaNeed], replicas: dict[str, int], floors: dic
         own_room = room - others
         fits = int(own_room // (n.base + n.floor)) if own_room > 0 else 0
         tokens = int((own_room / count - n.base) // n.kv_bytes_per_token) if own_room > 0 else 0
+        block = BLOCK_TOKENS["cpu"]
+        tokens = (tokens // block - 1) * block  # the floor is whole blocks plus a spare one
         hints = []
         if fits >= 1:
             hints.append(f"autoscaling.max_replicas (at most {fits} fit)")
@@ -364,8 +382,6 @@ def render_cpu_plan(plan: CpuPlan) -> str:
 
 def parse_size(text: str) -> int:
     """``24GiB``, ``24G``, ``16GB``, ``512MiB`` or plain bytes -> bytes."""
-    import re
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
     if not m:
         raise ValueError(f"{text!r}: expected a size such as 24GiB, 16GB or 512MiB")

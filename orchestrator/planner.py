@@ -114,7 +114,7 @@ _STEP = 0.01  # GPU shares are whole hundredths
 
 
 def _share(need_bytes: float, gpu_bytes: float) -> float:
-    return min(1.0, math.ceil(need_bytes / gpu_bytes / _STEP - 1e-9) * _STEP)
+    return min(1.0, round(math.ceil(need_bytes / gpu_bytes / _STEP - 1e-9) * _STEP, 2))
 
 
 def _place_one(spec: ModelSpec, r: int, b: ReplicaNeed, nodes: list[Node], used: dict[tuple[int, int], float],

@@ -9,7 +9,7 @@ the log (the child writes to the replica's own stderr, which Ray keeps in a file
 
 Example::
 
-    cause, what_to_change = diagnose(exc, log_path="/tmp/ray/session_latest/logs/worker-1.err")
+    cause, what_to_change = diagnose(exc, {"/tmp/ray/session_latest/logs/worker-1.out": 0})
     # "ValueError: Available memory on node 0 (8.88/11.46 GiB) on startup is less than ..."
 """
 
@@ -124,8 +124,9 @@ def _root_cause(exc: BaseException, logs: dict[str, int]) -> tuple[str, str]:
                 continue
             found = cause_from_log(logged)
             if found:
-                # The frames the child printed before its cause line.
-                where = logged[:logged.rfind(found.split(":", 1)[1].strip()[:40])][-4000:]
+                # The frames the child printed before its cause line (its `File "..."` lines).
+                before = logged[:logged.rfind(found.split(":", 1)[1].strip()[:40])][-4000:]
+                where = " ".join(m.group(0) for m in re.finditer(r'File "[^"]*", line \d+, in \w+', before))
                 cause = found
                 break
     return cause[:MAX_CAUSE_CHARS], where

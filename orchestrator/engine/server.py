@@ -241,12 +241,13 @@ class ModelServer:
         kv = plan.kv_cache_bytes(self.spec.name)
         need = plan.needs.get(self.spec.name)
         if need is not None:
+            # Per replica (all its engine workers together).
             self._memory = {"kv_cache_bytes": need.kv, "kv_cache_tokens": need.kv_tokens,
                             "kv_cache_source": need.fixed_how or "memory plan",
                             "kv_cache_floor_bytes": need.floor, "kv_cache_target_bytes": need.target,
                             "node_memory_bytes": node}
-            if kv is not None and not need.target_met:
-                log.warning("model %s: %s", self.spec.name, plan.shortfalls()[0] if plan.shortfalls() else "")
+            for line in plan.shortfalls(self.spec.name):
+                log.warning("%s", line)
         return kv
 
     async def _report_start(self, failure: dict[str, Any] | None) -> None:
@@ -258,8 +259,14 @@ class ModelServer:
             from ray import serve
 
             app = self._fleet_app or serve.get_replica_context().app_name
-            # A failure is worth creating the actor for (the gateway may not have yet).
-            actor = await asyncio.to_thread(state.get_or_create if failure else state.lookup, app)
+            # The gateway creates the actor when it starts (an actor created here would die
+            # with this replica); give it a few seconds to appear.
+            actor = None
+            for _ in range(10 if failure else 1):
+                actor = await asyncio.to_thread(state.lookup, app)
+                if actor is not None:
+                    break
+                await asyncio.sleep(1)
             if actor is not None:
                 await asyncio.wait_for(actor.record_start.remote(self.spec.name, failure, self._memory or None), 5)
         except Exception as e:  # noqa: BLE001 - visibility only

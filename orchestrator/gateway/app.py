@@ -148,6 +148,23 @@ def _replica_id() -> str | None:
         return None
 
 
+# A failure recorded before a request began waiting ends that wait only once nothing has
+# been starting for this long (Serve retries, or starts a replica for the new demand).
+STALE_FAILURE_GRACE_S = 10.0
+
+
+def start_failure_applies(failure: dict[str, Any] | None, waiting_since: float, waited_s: float,
+                          starting: int) -> bool:
+    """Whether a held request should end with a model's last start failure: one recorded
+    while it waited (``waiting_since``, wall clock), or an older one while no replica has
+    been starting for STALE_FAILURE_GRACE_S of its wait (Serve gave up)."""
+    if not failure:
+        return False
+    if float(failure.get("at") or 0) >= waiting_since:
+        return True
+    return starting == 0 and waited_s >= STALE_FAILURE_GRACE_S
+
+
 class _Hold:
     """A request waiting for a replica: counts it in ``slm_requests_held`` while its model has
     no ready replica, and says when waiting must end (cold start or request timeout)."""
@@ -167,7 +184,9 @@ class _Hold:
             self.held = True
             self.gateway.metrics.held.labels(name).inc()
         failure = await self.gateway._start_failure(name)
-        if failure is not None:
+        states = (await self.gateway._replica_states()).get(name, {})
+        starting = sum(states.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"))
+        if start_failure_applies(failure, time.time() - elapsed, elapsed, starting):
             return errors.ModelStartFailed(
                 f"The model '{name}' cannot start: {failure.get('error')} ({failure.get('advice')})")
         if elapsed >= self.spec.autoscaling.cold_start_timeout_s:

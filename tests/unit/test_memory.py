@@ -15,6 +15,7 @@ def models(*entries):
 
 
 def cpu_plan(entries, node=24 * GIB, **kw):
+    kw.setdefault("environ", {})  # not this process's environment
     return memory.plan_cpu(models(*entries), node, is_cpu=lambda m: True, **kw)
 
 
@@ -91,6 +92,36 @@ def test_a_context_too_long_for_the_share_says_to_lower_max_model_len():
         cpu_plan([long], node=16 * GIB)
 
 
+def test_cpu_tensor_parallel_settings_count_per_worker():
+    tp = {"name": "m", "source": SMOL, "engine": {"tensor_parallel_size": 3, "kv_cache_memory_bytes": 10**8},
+          "resources": {"accelerator": "cpu", "num_cpus": 3}}
+    assert cpu_plan([tp]).needs["m"].kv == 3 * 10**8  # each of the 3 engine workers takes it
+    derived = cpu_plan([{**tp, "engine": {"tensor_parallel_size": 3, "max_model_len": 1024}}])
+    need = derived.needs["m"]
+    assert derived.kv_cache_bytes("m") == need.kv // 3  # kv_cache_memory_bytes is per worker
+    assert need.overhead > memory.replica_need(models(UNTUNED[0])[0], "cpu").overhead  # a process per rank
+
+
+def test_the_environment_the_replicas_inherit_wins_too():
+    plan = memory.plan_cpu(models(UNTUNED[0]), 24 * GIB, is_cpu=lambda m: True,
+                           environ={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert plan.kv_cache_bytes("smol-auto") is None
+    assert plan.needs["smol-auto"].fixed_how == "VLLM_CPU_KVCACHE_SPACE (environment)"
+
+
+def test_a_derived_draft_adds_its_layers_kv_and_travels_with_the_plan_inputs():
+    spec = models({**UNTUNED[0], "speculative": {"draft": {"derive_layers": 6}}})[0]
+    plain = memory.replica_need(models(UNTUNED[0])[0], "cpu").kv_bytes_per_token
+    assert memory.replica_need(spec, "cpu").kv_bytes_per_token == plain + plain * 6 // 30
+    again = models(memory.plan_inputs(spec))[0]
+    assert memory.replica_need(again, "cpu").kv_bytes_per_token == plain + plain * 6 // 30
+
+
+def test_an_engine_setting_the_planner_cannot_size_is_refused_not_skipped():
+    with pytest.raises(PlanError, match="no size known for quantization"):
+        cpu_plan([{"name": "m", "source": SMOL, "engine": {"quantization": "weird-q"}}])
+
+
 @pytest.mark.parametrize("entry, how, fixed", [
     ({"env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}, "env.VLLM_CPU_KVCACHE_SPACE", 2 * GIB),
     ({"engine": {"kv_cache_memory_bytes": 300_000_000}}, "engine.kv_cache_memory_bytes", 300_000_000),
@@ -117,7 +148,7 @@ def test_a_node_with_fewer_cpus_than_the_fleet_reserves_plans_only_what_it_can_h
     assert cpu_plan(wide, node=64 * GIB, node_cpus=5).replicas == {"a": 4, "b": 1}
     with pytest.raises(PlanError):
         cpu_plan(wide, node=16 * GIB)
-    cpu_plan(wide, node=16 * GIB, node_cpus=5)  # a 5-CPU node of 16 GiB holds its part
+    assert cpu_plan(wide, node=16 * GIB, node_cpus=5).used <= 16 * GIB  # a 5-CPU node of 16 GiB holds its part
 
 
 def test_a_model_of_unknown_size_is_left_to_vllm():

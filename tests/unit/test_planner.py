@@ -112,7 +112,9 @@ def test_slm_plan_cli(tmp_path, capsys):
     assert cli.main(["plan", "-f", str(path), "--gpus", "1xL4-24GB", "--write", str(out)]) == 0
     captured = capsys.readouterr()
     assert "q " in captured.out and "0:L4-24GB" in captured.out
-    assert "e: 1 replica(s) x weights" in captured.out  # the CPU model: planned against this machine's memory
+    assert "not planned (CPU models): e (give --cpu-memory to plan them)" in captured.err
+    assert cli.main(["plan", "-f", str(path), "--gpus", "1xL4-24GB", "--cpu-memory", "16GiB"]) == 0
+    assert "e: 1 replica(s) x weights" in capsys.readouterr().out  # planned for a 16 GiB machine
     planned = parse_fleet(__import__("yaml").safe_load(out.read_text()))
     assert 0 < planned.models[0].resources.num_gpus < 1
 
@@ -167,3 +169,17 @@ def test_slm_plan_of_the_four_small_models_prints_shares_and_kv_tokens(tmp_path,
     for name in ("q3 ", "q3b ", "q17 ", "llama "):
         assert name in captured.out
     assert "warning: model 'q3': KV for" in captured.err
+
+
+def test_shares_are_whole_hundredths_and_the_written_fleet_takes_a_models_smallest():
+    data = {"models": [model("a", "hf://Qwen/Qwen3-0.6B", 3, max_model_len=16384),
+                       model("b", "hf://Qwen/Qwen3-1.7B", 3, max_model_len=16384)]}
+    f = parse_fleet(data)
+    plan = planner.make_plan(f, planner.parse_gpus("3xL4-24GB"))
+    for p in plan.placements:
+        assert p.num_gpus == round(p.num_gpus, 2)
+    for (n, g), frac in plan.used.items():
+        assert frac <= 0.9 + 1e-9, (n, g, frac)
+    written = planner.planned_fleet(data, f, plan)
+    for raw, spec in zip(written["models"], f.models, strict=True):
+        assert raw["resources"]["num_gpus"] == min(p.num_gpus for p in plan.for_model(spec.name))

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from orchestrator import startup
 from orchestrator.terminal import TracebackFolder
 
@@ -61,22 +63,40 @@ def test_a_cause_line_is_bounded():
     assert len(startup.root_cause(exc)) <= startup.MAX_CAUSE_CHARS
 
 
-def test_tracebacks_are_folded_to_one_line_and_other_lines_pass():
+def test_relayed_tracebacks_are_folded_and_other_lines_pass():
     out = io.StringIO()
     folder = TracebackFolder(out, "/tmp/ray/session_latest/logs")
     prefix = "\x1b[36m(ServeReplica:slm:model-m pid=12)\x1b[0m "
+    other = "\x1b[36m(ServeReplica:slm:model-n pid=13)\x1b[0m "
     folder.write(prefix + "INFO:orchestrator.engine:model m: chose dtype='float32'\n")
-    for line in ENGINE_LOG.splitlines():
+    lines = ENGINE_LOG.splitlines()
+    for i, line in enumerate(lines):
         folder.write(prefix + line + "\n")
+        if i == 3:  # another process's line in the middle of m's traceback
+            folder.write(other + "INFO:orchestrator.engine:model n: engine ready (cpu)\n")
+    folder.write(prefix + "INFO after the traceback\n")
+    folder.write(prefix + "  an indented line outside any traceback\n")
     folder.write("[slm] model 'm' failed to start: ValueError: Available memory on node 0\n")
     folder.write("progress 50%")
     folder.flush()
     text = out.getvalue()
-    assert "chose dtype='float32'" in text
-    assert "Traceback" not in text and 'File "' not in text and "RuntimeError" not in text
-    assert text.count("(a traceback, not shown: see /tmp/ray/session_latest/logs)") == 1  # adjacent blocks: one note
+    assert "chose dtype='float32'" in text and "model n: engine ready" in text
+    assert 'File "' not in text and "raise ValueError(" not in text and "Traceback (most" not in text
+    assert text.count("(traceback folded: see /tmp/ray/session_latest/logs)") == 2
+    # The exception lines stay: at run time they are the only trace of an error on the terminal.
+    assert "ValueError: Available memory on node 0 (8.88/11.46 GiB)" in text
+    assert "RuntimeError: Engine core initialization failed" in text
+    assert "INFO after the traceback" in text and "an indented line outside any traceback" in text
     assert "[slm] model 'm' failed to start: ValueError" in text
     assert text.endswith("progress 50%")
+
+
+def test_the_drivers_own_traceback_is_never_folded():
+    out = io.StringIO()
+    folder = TracebackFolder(out, "/tmp/ray/session_latest/logs")
+    folder.write('Traceback (most recent call last):\n  File "cli.py", line 1, in main\nKeyboardInterrupt\n')
+    folder.flush()
+    assert out.getvalue() == 'Traceback (most recent call last):\n  File "cli.py", line 1, in main\nKeyboardInterrupt\n'
 
 
 def test_a_failure_inside_weight_loading_is_about_the_weights_whatever_its_type(tmp_path):
@@ -145,3 +165,18 @@ def test_the_cause_is_read_from_stdout_and_stderr_logs(tmp_path):
     assert cause == ("SafetensorError: Error while deserializing header: incomplete metadata, file not fully "
                      "covered")
     assert hint == startup.WEIGHTS_ADVICE
+
+
+@pytest.mark.parametrize("failure_at, waited, starting, applies", [
+    (None, 0.0, 0, False),  # no failure recorded
+    (1005.0, 5.0, 1, True),  # failed while this request waited: answer now
+    (990.0, 5.0, 0, False),  # an older failure: Serve may be about to start a replica for this demand
+    (990.0, 5.0, 1, False),
+    (990.0, 30.0, 1, False),  # an older failure but a replica is starting: keep waiting
+    (990.0, 30.0, 0, True),  # an older failure and nothing started for a while: Serve gave up
+])
+def test_when_a_start_failure_ends_a_held_request(failure_at, waited, starting, applies):
+    from orchestrator.gateway.app import start_failure_applies
+
+    failure = None if failure_at is None else {"error": "ValueError: x", "at": failure_at}
+    assert start_failure_applies(failure, 1000.0, waited, starting) is applies
