@@ -199,7 +199,8 @@ class ModelServer:
             raise errors.ModelStartFailed(
                 f"model '{self.spec.name}' failed to start: {cause} -- {failure['advice']} "
                 f"(full log: {log_path or 'the replica Ray worker log'})") from None
-        await self._report_start(None)
+        # In the background: a replica that starts before the gateway need not wait for it.
+        self._start_report = asyncio.get_running_loop().create_task(self._report_start(None))
 
     async def _start(self, memory_peers: list[dict[str, Any]] | None) -> None:
         kv_cache_bytes = None
@@ -262,7 +263,7 @@ class ModelServer:
             # The gateway creates the actor when it starts (an actor created here would die
             # with this replica); give it a few seconds to appear.
             actor = None
-            for _ in range(10 if failure else 1):
+            for _ in range(10 if failure else 60):
                 actor = await asyncio.to_thread(state.lookup, app)
                 if actor is not None:
                     break

@@ -291,7 +291,12 @@ def test_health_ready_and_fleet(http):
     fleet = http.get("/fleet").json()
     for model in fleet["models"]:
         assert set(model) >= {"name", "task", "source", "queue_depth", "replicas", "autoscaling", "routing"}
-        assert set(model["replicas"]) == {"running", "starting", "draining", "target"}
+        assert set(model["replicas"]) == {"running", "starting", "draining", "target", "last_error"}
+        assert model["replicas"]["last_error"] is None  # every replica of the demo fleet started
+        # The demo fleet sets no memory knob: each CPU replica planned its KV cache.
+        fp = model["footprint"]
+        assert fp["kv_cache_source"] == "memory plan", fp
+        assert fp["kv_cache_floor_bytes"] <= fp["kv_cache_bytes"] <= fp["kv_cache_target_bytes"], fp
         assert model["routing"] == {"policy": "least-queue"}
         assert set(model["autoscaling"]) >= {"min_replicas", "max_replicas", "target_queue_depth", "last_decision"}
 
