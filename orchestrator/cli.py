@@ -203,7 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or fleet.gateway.port
     _say(f"fleet {origin}: {', '.join(m.name for m in fleet.models)}")
     if not os.environ.get("RAY_ADDRESS"):
-        # Refuse what cannot fit before starting anything; a cluster's nodes plan at build time.
+        # Refuse what cannot fit before starting anything (joining a cluster, each replica plans on
+        # its own node when it starts).
         for line in _plan_cpu_memory(fleet, origin).splitlines():
             _say(line)
     _resolve_sources(fleet, origin)
@@ -312,19 +313,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(resp.json(), indent=2))
         return 0
     rows = [("MODEL", "TASK", "QUEUE", "RUNNING", "STARTING", "DRAINING", "TARGET", "MIN-MAX", "ROUTING",
-             "LAST DECISION")]
+             "KV/REPLICA", "LAST DECISION")]
+    failures = []
     for m in resp.json().get("models", []):
         r = m.get("replicas", {})
         a = m.get("autoscaling", {})
         last = a.get("last_decision") or {}
         decision = f"{last.get('direction', '-')}: {last.get('reason', '')}" if last else "-"
+        kv = (m.get("footprint") or {}).get("kv_cache_tokens")
         rows.append((m["name"], m.get("task", ""), f"{m.get('queue_depth', 0):g}", str(r.get("running", 0)),
                      str(r.get("starting", 0)), str(r.get("draining", 0)), str(r.get("target", 0)),
                      f"{a.get('min_replicas', '?')}-{a.get('max_replicas', '?')}",
-                     m.get("routing", {}).get("policy", ""), decision))
+                     m.get("routing", {}).get("policy", ""), f"{kv:,} tok" if kv else "-", decision))
+        if r.get("last_error"):
+            e = r["last_error"]
+            failures.append(f"{m['name']}: failed to start: {e.get('error')}\n  what to change: {e.get('advice')}\n"
+                            f"  full log: {e.get('log')}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    for failure in failures:
+        print(failure)
     return 0
 
 

@@ -105,6 +105,12 @@ def test_a_request_for_a_model_that_cannot_start_gets_a_503_naming_the_cause(unt
     view = next(m for m in httpx.get(f"{untuned.url}/fleet", timeout=60).json()["models"] if m["name"] == BROKEN)
     last = view["replicas"]["last_error"]
     assert last and "Error" in last["error"] and last["log"], view["replicas"]
+    status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "--url", untuned.url],
+                            capture_output=True, text=True, timeout=60)
+    assert f"{BROKEN}: failed to start: " in status.stdout and "what to change: the model's weights" in \
+        status.stdout, status.stdout
+    smol_row = next(line for line in status.stdout.splitlines() if line.startswith("smol-auto "))
+    assert " tok " in smol_row  # its planned KV tokens per replica
     # Streams held for it end the same way, with an SSE error event.
     with httpx.stream("POST", f"{untuned.url}/v1/completions", timeout=300,
                       json={"model": BROKEN, "prompt": "hello", "max_tokens": 4, "stream": True}) as s:

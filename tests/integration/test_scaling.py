@@ -29,15 +29,24 @@ NEVER = "tiny-no-gpu"
 DOWNSCALE_DELAY_S = 20
 
 
+# The drain test's streams: long enough that a wave of four outlasts DOWNSCALE_DELAY_S on a
+# fast machine too (3,500-token waves took under 20 s in one CI run), so the tiny model here
+# has an 8k context.
+STREAM_TOKENS = 7500
+
+
 @pytest.fixture(scope="module")
 def scaling_stack(tmp_path_factory, tiny_model):
     from conftest import run_stack
 
+    from orchestrator.devtools.tiny_model import build
+
+    long_model = build(tiny_model.parent / "tiny-llama-2x128-8k", max_len=8192)
     d = tmp_path_factory.mktemp("scaling")
     engine = {"max_model_len": 4096, "max_num_seqs": 32, "enforce_eager": True}
     fleet = {
         "models": [
-            {"name": SCALE, "source": str(tiny_model), "engine": engine,
+            {"name": SCALE, "source": str(long_model), "engine": {**engine, "max_model_len": 8192},
              "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_queue_depth": 4, "upscale_delay_s": 1,
                              "downscale_delay_s": DOWNSCALE_DELAY_S, "drain_timeout_s": 300},
              "routing": {"policy": "prefix-affinity", "prefix_chars": 200}},
@@ -239,7 +248,7 @@ def test_streams_in_flight_survive_scale_down(http, client):
         tokens, finish, done = 0, None, False
         try:
             with http.stream("POST", "/v1/completions", json={
-                "model": SCALE, "prompt": f"stream number {i} about draining", "max_tokens": 3500,
+                "model": SCALE, "prompt": f"stream number {i} about draining", "max_tokens": STREAM_TOKENS,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             }) as r:
                 assert r.status_code == 200
@@ -282,7 +291,7 @@ def test_streams_in_flight_survive_scale_down(http, client):
             t.join()
         waves += 1
         print(f"wave {waves}: both replicas carried streams: {both}; drain seen: {seen_drain}")
-    assert results == [(3500, "length", True)] * (4 * waves), results
+    assert results == [(STREAM_TOKENS, "length", True)] * (4 * waves), results
     view = wait_for(http, SCALE, lambda v: v["replicas"]["running"] == 1 and v["replicas"]["draining"] == 0, 120,
                     "back to one replica")
     assert view["autoscaling"]["last_scale"]["direction"] == "down"
