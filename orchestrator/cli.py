@@ -47,6 +47,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_refusal(origin: str, e) -> FleetValidationError:
+    """A memory.PlanError as the CLI's bad-input error, naming the file and the model's field."""
+    from orchestrator.spec import FieldError
+
+    where = "" if e.model_index is None else f"models[{e.model_index}]" + (f".{e.field}" if e.field else "")
+    return FleetValidationError(origin, [FieldError(where, str(e))])
+
+
 def _plan_cpu_memory(fleet: FleetSpec, origin: str, memory_bytes: int | None = None,
                      is_cpu=None) -> str:
     """The CPU memory plan of a fleet on this machine (or on ``memory_bytes``) as text, with a
@@ -54,14 +62,12 @@ def _plan_cpu_memory(fleet: FleetSpec, origin: str, memory_bytes: int | None = N
     model when its replicas cannot reach their floor."""
     from orchestrator import memory
     from orchestrator.engine.args import accelerator
-    from orchestrator.spec import FieldError
 
     node = memory_bytes or memory.node_memory()
     try:
         plan = memory.plan_cpu(fleet.models, node, is_cpu=is_cpu or (lambda m: accelerator(m) == "cpu"))
     except memory.PlanError as e:
-        where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "") if e.model_index is not None else ""
-        raise FleetValidationError(origin, [FieldError(where, str(e))]) from None
+        raise _plan_refusal(origin, e) from None
     if not plan.needs and not plan.unknown:
         return ""
     lines = [f"memory: {line}" for line in memory.render_cpu_plan(plan).splitlines()]
@@ -383,7 +389,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from orchestrator import memory, planner
     from orchestrator.engine.args import accelerator
-    from orchestrator.spec import FieldError, parse_fleet, read_fleet_data
+    from orchestrator.spec import parse_fleet, read_fleet_data
 
     data = read_fleet_data(args.file)
     fleet = parse_fleet(data, args.file)
@@ -404,8 +410,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             if e.model_index is None:
                 print(f"slm plan: {e}", file=sys.stderr)
                 return EXIT_BAD_INPUT
-            where = f"models[{e.model_index}]" + (f".{e.field}" if e.field else "")
-            raise FleetValidationError(args.file, [FieldError(where, str(e))]) from None
+            raise _plan_refusal(args.file, e) from None
     # With --gpus, CPU models are planned only for a machine named with --cpu-memory (the
     # machine running `slm plan` is rarely where they will run).
     cpu_text = _plan_cpu_memory(fleet, args.file, cpu_memory, on_cpu) if cpu_memory or not args.gpus else ""

@@ -148,6 +148,8 @@ def _replica_id() -> str | None:
         return None
 
 
+# Serve's replica states of a replica on its way to RUNNING.
+STARTING_STATES = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 # A failure recorded before a request began waiting ends that wait only once nothing has
 # been starting for this long (Serve retries, or starts a replica for the new demand).
 STALE_FAILURE_GRACE_S = 10.0
@@ -185,7 +187,7 @@ class _Hold:
             self.gateway.metrics.held.labels(name).inc()
         failure = await self.gateway._start_failure(name)
         states = (await self.gateway._replica_states()).get(name, {})
-        starting = sum(states.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"))
+        starting = sum(states.get(k, 0) for k in STARTING_STATES)
         if start_failure_applies(failure, time.time() - elapsed, elapsed, starting):
             return errors.ModelStartFailed(
                 f"The model '{name}' cannot start: {failure.get('error')} ({failure.get('advice')})")
@@ -712,7 +714,7 @@ class Gateway:
             snap = scaler.get(m.name) or {}
             static = self._static_views.get(m.name, {})
             running = s.get("RUNNING", 0)
-            starting = sum(s.get(k, 0) for k in ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"))
+            starting = sum(s.get(k, 0) for k in STARTING_STATES)
             target = (snap.get("replicas") or {}).get("target", m.autoscaling.min_replicas)
             if running == 0:
                 # Serve starts a model at zero without consulting the policy (cold start).
