@@ -214,7 +214,6 @@ class CpuPlan:
     room: int  # what the replicas may take together
     needs: dict[str, ReplicaNeed]  # model -> one replica's need (kv planned)
     replicas: dict[str, int]  # model -> replicas planned (max_replicas)
-    fraction: float
     unknown: list[str] = dataclasses.field(default_factory=list)  # models whose size is not known here
 
     def kv_cache_bytes(self, model: str) -> int | None:
@@ -327,8 +326,8 @@ def plan_cpu(fleet_models: Iterable[ModelSpec], node_memory: int, *, is_cpu: Cal
     floors = {m: (n.base + n.floor) * replicas[m] for m, n in needs.items()}
     if sum(floors.values()) > room:
         _refuse(needs, replicas, floors, node_memory, room, reserved, max_util)
-    fraction = fill(needs.values(), room, replicas)
-    return CpuPlan(node_memory, room, needs, replicas, fraction, unknown)
+    fill(needs.values(), room, replicas)
+    return CpuPlan(node_memory, room, needs, replicas, unknown)
 
 
 def _refuse(needs: dict[str, ReplicaNeed], replicas: dict[str, int], floors: dict[str, int], node_memory: int,

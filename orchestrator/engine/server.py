@@ -237,16 +237,15 @@ class ModelServer:
         specs = [ModelSpec.model_validate(p) for p in peers]
         if all(s.name != self.spec.name for s in specs):
             specs.append(ModelSpec.model_validate(memory.plan_inputs(self.spec)))
-        node = memory.node_memory()
-        plan = memory.plan_cpu(specs, node, is_cpu=lambda m: accelerator(m) == "cpu", node_cpus=_node_cpus())
+        plan = memory.plan_cpu(specs, memory.node_memory(), is_cpu=lambda m: accelerator(m) == "cpu",
+                               node_cpus=_node_cpus())
         kv = plan.kv_cache_bytes(self.spec.name)
         need = plan.needs.get(self.spec.name)
         if need is not None:
             # Per replica (all its engine workers together).
             self._memory = {"kv_cache_bytes": need.kv, "kv_cache_tokens": need.kv_tokens,
                             "kv_cache_source": need.fixed_how or "memory plan",
-                            "kv_cache_floor_bytes": need.floor, "kv_cache_target_bytes": need.target,
-                            "node_memory_bytes": node}
+                            "kv_cache_floor_bytes": need.floor, "kv_cache_target_bytes": need.target}
             for line in plan.shortfalls(self.spec.name):
                 log.warning("%s", line)
         return kv
