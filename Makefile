@@ -46,9 +46,7 @@ $(TOOLS_STAMP): Makefile
 
 # Regenerate what is derived from the fleet spec and the chart (tests fail while it is stale).
 chart-generate: install tools
-	$(BIN)/python -m orchestrator.k8s.schema --write helm/slm-orchestrator
-	$(BIN)/python -m orchestrator.devtools.k8s_manifests --write
-	$(BIN)/python -m orchestrator.devtools.chart_docs --write
+	$(BIN)/python -m orchestrator.devtools.generate --write
 
 run: install
 	$(BIN)/slm serve

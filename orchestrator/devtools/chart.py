@@ -1,6 +1,6 @@
 """Run the Helm chart and kubectl from the project's tools folder (``make tools``).
 
-Used by the chart tests and by ``orchestrator.devtools.k8s_manifests`` (which writes the
+Used by the chart tests and by ``orchestrator.devtools.k8s_manifests`` (which renders the
 plain manifests under ``k8s/`` from the chart). Helm keeps its cache and config inside the
 tools folder, so nothing outside the project is touched.
 

@@ -1,21 +1,20 @@
-"""Write the plain manifests under ``k8s/`` from the Helm chart, so the two never drift.
+"""The plain manifests under ``k8s/``, rendered by the Helm chart so the two never drift.
 
-``k8s/base`` holds what every overlay shares (ServiceAccount, PodDisruptionBudget);
-each overlay adds its RayService, rendered by the chart from the matching scenario values:
+Clusters without Helm apply ``k8s/`` with kustomize; rendering it from the chart keeps one
+source for both. ``k8s/base`` holds what every overlay shares (ServiceAccount,
+PodDisruptionBudget); each overlay adds its RayService, rendered by the chart from the
+matching scenario values:
 
     k8s/overlays/dev-cpu  <- helm/slm-orchestrator/ci/dev-cpu-values.yaml
     k8s/overlays/gpu      <- helm/slm-orchestrator/ci/gpu-values.yaml
 
-Labels say ``managed-by: kustomize`` instead of Helm. A unit test runs ``--check`` and
-compares ``kubectl kustomize`` of each overlay with ``helm template`` of its values.
-
-    python -m orchestrator.devtools.k8s_manifests --write   # or: make chart-generate
+Labels say ``managed-by: kustomize`` instead of Helm. ``orchestrator.devtools.generate``
+writes and checks the files (``make chart-generate``); a unit test compares
+``kubectl kustomize`` of each overlay with ``helm template`` of its values.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,32 +101,3 @@ def expected_files() -> dict[Path, str]:
 def to_kustomization(resources: list[str]) -> str:
     body = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": resources}
     return yaml.safe_dump(body, sort_keys=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write k8s/ from the Helm chart.")
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="write the files")
-    mode.add_argument("--check", action="store_true", help="exit 1 if any file differs")
-    args = parser.parse_args(argv)
-    files = expected_files()
-    stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
-    generated = {p for p in K8S.rglob("*.yaml")} if K8S.exists() else set()
-    extra = sorted(generated - set(files))
-    if args.check:
-        for path in stale:
-            print(f"{path.relative_to(REPO)}: differs from the chart; run make chart-generate", file=sys.stderr)
-        for path in extra:
-            print(f"{path.relative_to(REPO)}: not produced by the chart; remove it", file=sys.stderr)
-        return 1 if stale or extra else 0
-    for path in extra:
-        path.unlink()
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path.relative_to(REPO)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,21 +5,15 @@ that cannot run Python: Helm validates ``.Values.fleet`` against it at ``helm in
 ``helm lint`` and ``helm template``, and editors use it for completion. References are
 inlined (Helm resolves none across the file), and the draft is JSON Schema draft-07.
 
-Regenerate the chart's copy after changing the spec (a unit test fails until you do)::
-
-    python -m orchestrator.k8s.schema --write helm/slm-orchestrator
-
-That updates ``values.schema.json`` (its ``fleet`` part) and ``files/fleet-defaults.json``
-(the spec's defaults, which templates read instead of restating them).
+The chart's copies, ``values.schema.json`` (its ``fleet`` part) and ``files/fleet-defaults.json``
+(the spec's defaults, which templates read instead of restating them), are written by
+``python -m orchestrator.devtools.generate --write``; a unit test fails while they are stale.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import FleetSpec
@@ -69,47 +63,3 @@ def with_fleet(values_schema: dict[str, Any]) -> dict[str, Any]:
 
 def dumps(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
-
-
-def _files(chart: Path) -> dict[Path, str]:
-    """The chart's generated files and the text each should have."""
-    schema_path = chart / "values.schema.json"
-    current = json.loads(schema_path.read_text())
-    return {
-        schema_path: dumps(with_fleet(current)),
-        chart / "files" / "fleet-defaults.json": dumps(fleet_defaults()),
-    }
-
-
-def stale_files(chart: str | Path) -> list[Path]:
-    """The chart's generated files whose content differs from what the spec gives now."""
-    out = []
-    for path, text in _files(Path(chart)).items():
-        if not path.exists() or path.read_text() != text:
-            out.append(path)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", metavar="CHART_DIR", help="regenerate the chart's fleet schema and defaults")
-    parser.add_argument("--check", metavar="CHART_DIR", help="exit 1 if they are stale")
-    args = parser.parse_args(argv)
-    if not (args.write or args.check):
-        print(dumps(fleet_schema()), end="")
-        return 0
-    chart = Path(args.write or args.check)
-    if args.check:
-        stale = stale_files(chart)
-        for path in stale:
-            print(f"{path}: stale; run python -m orchestrator.k8s.schema --write {chart}", file=sys.stderr)
-        return 1 if stale else 0
-    for path, text in _files(chart).items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The Helm chart agrees with the Python side: the Serve application builds from the
+serveConfigV2 it renders, its generated files (fleet schema, values table, k8s/) are current,
+`slm render` gives the same RayService, and its pins follow the package's.
+
+Rendering and validating the chart alone is tests/unit/test_chart.py. Uses the real helm v4
+binary from tools/ (``make tools``)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+
+import pytest
+import yaml
+
+from orchestrator.devtools import chart_docs, generate
+from orchestrator.devtools.chart import CHART, REPO, helm_template
+from orchestrator.k8s import render, schema
+
+# ----------------------------------------------------------------------------- the real builder
+
+
+def _build(serve_config_v2: str, monkeypatch, engine_build: str):
+    """Build the Serve application from a serveConfigV2 the way Serve's controller does."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app as serve_build
+
+    import orchestrator.engine.args as engine_args
+
+    monkeypatch.setattr(engine_args, "installed_vllm_build", lambda: engine_build)
+    config = yaml.safe_load(serve_config_v2)
+    out = {}
+    for app_config in config["applications"]:  # the gateway's, then one per fast-lane model
+        module, attr = app_config["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), attr)
+        app = call_user_app_builder_with_args_if_necessary(builder, app_config["args"])
+        built = serve_build(app, name=app_config["name"])
+        for d in built.deployments:
+            assert d.name not in out, f"{d.name} deployed twice"
+            d.app_name = app_config["name"]
+            out[d.name] = d
+    return out
+
+
+def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
+    """On the GPU image: serveConfigV2 from the chart -> the real builder -> Serve deployments."""
+    doc = next(d for d in helm_template([CHART / "ci" / "multi-model-values.yaml"]) if d["kind"] == "RayService")
+    deployments = _build(doc["spec"]["serveConfigV2"], monkeypatch, "gpu")
+    from orchestrator.app import deployment_name
+
+    expected = {
+        "qwen3-4b": dict(min=1, max=4, target=24, gpus=2, gpu_type=None),
+        "phi-4-mini": dict(min=0, max=2, target=8, gpus=4, gpu_type="A100"),
+        "llama-3.2-1b-instruct": dict(min=2, max=8, target=32, gpus=1, gpu_type=None),
+        "smollm2-360m-instruct": dict(min=1, max=4, target=8, gpus=0.25, gpu_type=None),
+        "all-minilm-l6-v2": dict(min=1, max=3, target=8, gpus=0, gpu_type=None),
+    }
+    assert set(deployments) == {"gateway"} | {deployment_name(n) for n in expected}
+    for model, want in expected.items():
+        dep = deployments[deployment_name(model)]
+        scaling = dep._deployment_config.autoscaling_config
+        assert (scaling.min_replicas, scaling.max_replicas) == (want["min"], want["max"]), model
+        assert scaling.target_ongoing_requests == want["target"], model
+        assert scaling.policy.policy_kwargs["model"] == model
+        actor = dep.ray_actor_options
+        bundles = dep._replica_config.placement_group_bundles
+        if want["gpus"] == 0:
+            assert "num_gpus" not in actor and not bundles, model
+            assert actor["num_cpus"] == 2
+        elif want["gpus"] <= 1:
+            assert actor["num_gpus"] == want["gpus"] and not bundles, model
+        else:
+            assert sum(b.get("GPU", 0) for b in bundles) == want["gpus"], model
+            assert dep._replica_config.placement_group_strategy == "STRICT_PACK"
+            if want["gpu_type"]:
+                assert bundles[0][f"accelerator_type:{want['gpu_type']}"] > 0
+    assert deployments["gateway"]._deployment_config.num_replicas == 2
+    # The fast-lane model is its own application's ingress; the others are in the gateway's.
+    lane = deployment_name("llama-3.2-1b-instruct")
+    assert {n: d.app_name for n, d in deployments.items() if d.app_name != "slm"} == {
+        lane: "slm-lane-llama-3.2-1b-instruct"}
+    assert deployments[lane].func_or_class.__name__ == "LaneServer"
+    assert deployments[lane]._deployment_config.autoscaling_config.policy.policy_kwargs["fleet_app"] == "slm"
+    # Serve refuses a custom request router on an ingress behind HAProxy.
+    assert deployments[lane]._deployment_config.request_router_config.request_router_class != \
+        deployments[deployment_name("qwen3-4b")]._deployment_config.request_router_config.request_router_class
+
+
+def test_dev_cpu_serve_config_builds_cpu_replicas(monkeypatch):
+    doc = next(d for d in helm_template([CHART / "ci" / "dev-cpu-values.yaml"]) if d["kind"] == "RayService")
+    deployments = _build(doc["spec"]["serveConfigV2"], monkeypatch, "cpu")
+    smol = deployments["model-smollm2-135m-instruct"]
+    assert smol._deployment_config.autoscaling_config.max_replicas == 2
+    assert "num_gpus" not in smol.ray_actor_options
+    # No memory knob in the values: each CPU replica plans its KV cache at start from the
+    # memory fields of the CPU models it may share a node with.
+    assert "runtime_env" not in smol.ray_actor_options
+    peers = smol._replica_config.init_args[2]
+    assert {p["name"] for p in peers} == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    assert next(p for p in peers if p["name"] == "smollm2-135m-instruct")["autoscaling"]["max_replicas"] == 2
+
+
+# ----------------------------------------------------------------------------- sync
+
+
+def test_fleet_schema_and_defaults_are_generated_from_the_spec():
+    assert generate.GENERATORS["fleet-schema"].stale() == [], "run make chart-generate"
+
+
+def test_schema_drift_is_detected(tmp_path):
+    chart = tmp_path / "chart"
+    (chart / "files").mkdir(parents=True)
+    values_schema = json.loads((CHART / "values.schema.json").read_text())
+    del values_schema["properties"]["fleet"]["properties"]["models"]["items"]["properties"]["routing"]
+    (chart / "values.schema.json").write_text(schema.dumps(values_schema))
+    (chart / "files" / "fleet-defaults.json").write_text((CHART / "files" / "fleet-defaults.json").read_text())
+    assert generate.stale(generate.fleet_schema_files(chart)) == [chart / "values.schema.json"]
+
+
+def test_chart_readme_values_table_is_current():
+    values, missing = chart_docs.documented_values()
+    assert missing == [], f"values without a `# --` description: {missing}"
+    readme = (CHART / "README.md").read_text()
+    assert chart_docs.render_readme(readme, values) == readme, "run make chart-generate"
+    assert {"fleet", "engine", "workers.gpu.acceleratorTypes", "apiKeys.existingSecret"} <= {v.path for v in values}
+
+
+def test_undocumented_value_is_reported(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text("# -- documented\na: 1\nb:\n  # -- nested\n  c: 2\n  d: 3\n\n# a section\ne:\n  # -- x\n  f: 4\n")
+    docs, missing = chart_docs.documented_values(values)
+    assert [v.path for v in docs] == ["a", "b.c", "e.f"]
+    assert missing == ["b", "b.d"]  # b: a section without its heading comment; b.d: no description
+
+
+@pytest.mark.parametrize("fleet_file", [CHART / "values.yaml", REPO / "examples" / "fleet-gpu.yaml",
+                                        CHART / "ci" / "multi-model-values.yaml"], ids=lambda p: p.name)
+def test_slm_render_matches_the_chart(fleet_file):
+    """`slm render --format rayservice` and the chart (default values) give the same RayService."""
+    data = yaml.safe_load(fleet_file.read_text())
+    data = data.get("fleet", data)
+    from orchestrator.spec import parse_fleet
+
+    ours = render.rayservice(parse_fleet(data), data, render.ClusterOptions(name="slm"))
+    chart_doc = next(d for d in helm_template(set_json={"fleet": data, "fullnameOverride": "slm"})
+                     if d["kind"] == "RayService")
+
+    def norm(obj):
+        if isinstance(obj, dict):
+            out = {k: norm(v) for k, v in obj.items() if k not in ("helm.sh/chart", "app.kubernetes.io/managed-by")}
+            if "serveConfigV2" in out:
+                out["serveConfigV2"] = json.loads(out["serveConfigV2"])
+            return out
+        if isinstance(obj, list):
+            return [norm(x) for x in obj]
+        return obj
+
+    assert norm(ours) == norm(chart_doc)
+
+
+def test_fast_lane_applications_match_between_the_chart_and_slm_render():
+    """Model names may hold '/' and ':'; both sides must derive the same lane names."""
+    data = {"models": [
+        {"name": "org/tiny:v1", "source": "hf://org/tiny", "fast_lane": True},
+        {"name": "plain", "source": "hf://org/plain", "fast_lane": True,
+         "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+        {"name": "via-gateway", "source": "hf://org/other"},
+    ]}
+    from orchestrator.app import lane_route_prefix
+    from orchestrator.spec import parse_fleet
+
+    ours = json.loads(render.rayservice(parse_fleet(data), data, render.ClusterOptions(name="slm"))["spec"][
+        "serveConfigV2"])
+    chart_doc = next(d for d in helm_template(set_json={"fleet": data, "fullnameOverride": "slm"})
+                     if d["kind"] == "RayService")
+    theirs = json.loads(chart_doc["spec"]["serveConfigV2"])
+    assert ours["applications"] == theirs["applications"]
+    lanes = [(a["name"], a["route_prefix"], a["args"]["model"]) for a in ours["applications"][1:]]
+    digest = hashlib.sha1(b"org/tiny:v1").hexdigest()[:6]
+    assert lanes == [(f"slm-lane-org-tiny-v1-{digest}", f"/models/org-tiny-v1-{digest}", "org/tiny:v1"),
+                     ("slm-lane-plain", "/models/plain", "plain")]
+    assert lane_route_prefix("org/tiny:v1") == f"/models/org-tiny-v1-{digest}"
+
+
+def test_k8s_manifests_are_generated_from_the_chart():
+    assert generate.GENERATORS["k8s-manifests"].stale() == [], "run make chart-generate"
+
+
+
+def test_chart_pins_match_the_package():
+    """The chart's Ray version and the Dockerfile's vLLM base follow pyproject's pins."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f'"ray[serve]=={values["rayService"]["rayVersion"]}"' in pyproject
+    assert values["rayService"]["rayVersion"] == render.RAY_VERSION
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    from orchestrator import __version__
+
+    assert chart["appVersion"] == __version__
+    dockerfile = (REPO / "Dockerfile").read_text()
+    vllm_pin = next(line for line in pyproject.splitlines() if '"vllm==' in line).split("==")[1].split('"')[0]
+    assert f"ARG BASE_IMAGE=vllm/vllm-openai:v{vllm_pin}" in dockerfile
+    assert f"v.startswith('{vllm_pin.rsplit('.', 1)[0]}.')" in dockerfile
+    assert values["image"]["repository"] == render.IMAGE_REPOSITORY
+    for copied in ("pyproject.toml", "README.md", "orchestrator"):
+        assert (REPO / copied).exists()
