@@ -1,5 +1,8 @@
 """The queue-depth autoscaling policy, a pure function of (metrics, spec, replicas, time).
 
+It imports no Ray (``serve_policy`` plugs it into Serve); its limits and their defaults are
+the fields of the fleet spec's ``AutoscalingSpec``.
+
 Desired replicas = ceil(total queue depth / target_queue_depth), clamped to
 [min_replicas, max_replicas]. Replicas already starting count toward capacity, so a
 burst asks once for what it needs instead of doubling while replicas boot. Scaling up
@@ -8,8 +11,9 @@ waits ``upscale_delay_s`` of sustained demand, down ``downscale_delay_s``; a mod
 
 Example::
 
-    decision, state = decide(Observation(queue_depth=40, running=1, starting=0), spec, state, now)
-    decision.target, decision.reason   # (5, "queue 40 at target 8/replica needs 5; ...")
+    limits = Limits.from_spec(model.autoscaling)      # target_queue_depth 8, max_replicas >= 5
+    decision, state = decide(Observation(queue_depth=40, running=1, starting=0), limits, state, now)
+    decision.target, decision.reason   # after upscale_delay_s of this: (5, "queue 40 at target 8/replica needs 5; ...")
 """
 
 from __future__ import annotations
@@ -18,17 +22,23 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+from orchestrator.spec import AutoscalingSpec
+
+
+def _default(name: str) -> Any:
+    return AutoscalingSpec.model_fields[name].default
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """The autoscaling fields of a model's spec that the policy reads."""
+    """The autoscaling fields of a model's spec that the policy reads, with the spec's defaults."""
 
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_queue_depth: float = 8
-    upscale_delay_s: float = 1.0
-    downscale_delay_s: float = 60.0
-    idle_timeout_s: float = 300.0
+    min_replicas: int = _default("min_replicas")
+    max_replicas: int = _default("max_replicas")
+    target_queue_depth: float = _default("target_queue_depth")
+    upscale_delay_s: float = _default("upscale_delay_s")
+    downscale_delay_s: float = _default("downscale_delay_s")
+    idle_timeout_s: float = _default("idle_timeout_s")
     # Scale up only when the queue exceeds current capacity by more than this fraction:
     # reports from replicas and handles are sampled at different instants, and a queue
     # sitting exactly at N x target must not flap between N and N+1 replicas.
