@@ -1,8 +1,9 @@
 """The fleet spec: the one typed tree that says which models to serve and how.
 
-Every field has a description and its default here, nowhere else. ``engine`` keys are
-vLLM's own engine-argument names and are passed to vLLM unchanged; they are checked
-against the installed vLLM so a typo fails at validation time, not when a replica starts.
+Every field has a description and its default here, nowhere else (the autoscaling policy
+reads its defaults from ``AutoscalingSpec``). ``engine`` keys are vLLM's own engine-argument
+names and are passed to vLLM unchanged; they are checked against the installed vLLM
+(``orchestrator.vllm_args``) so a typo fails at validation time, not when a replica starts.
 
 Example::
 
@@ -13,61 +14,18 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Container
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator import sources
-
-log = logging.getLogger(__name__)
+from orchestrator import sources, vllm_args
 
 Task = Literal["generate", "embed"]
 RoutingPolicy = Literal["least-queue", "prefix-affinity", "session", "round-robin"]
-
-# Engine keys the orchestrator sets itself from other fields of the spec.
-_OWNED_ENGINE_KEYS = {
-    "model": "set the model with `source`",
-    "served_model_name": "clients use the model's `name`",
-}
-# vLLM frontend (API server) arguments that belong to the gateway, not to a worker.
-_GATEWAY_FRONTEND_KEYS = {
-    "host", "port", "grpc_port", "uds", "api_key", "ssl_keyfile", "ssl_certfile",
-    "ssl_ca_certs", "enable_ssl_refresh", "ssl_cert_reqs", "ssl_ciphers", "root_path",
-    "middleware", "allowed_origins", "allow_credentials", "allowed_methods",
-    "allowed_headers", "uvicorn_log_level", "disable_uvicorn_access_log",
-    "data_parallel_supervisor_port", "dp_supervisor_probe_interval_s",
-    "dp_supervisor_probe_timeout_s", "dp_supervisor_probe_failure_threshold",
-    "disable_access_log_for_endpoints", "h11_max_incomplete_event_size",
-    "h11_max_header_count", "enable_offline_docs", "disable_fastapi_docs",
-}
-
-
-# JSON-schema types of the most used vLLM engine arguments. Validation in Python checks every
-# engine key against the installed vLLM; this table lets tools that only see the exported JSON
-# schema (the Helm chart's values.schema.json, editors) catch the common mistakes too.
-ENGINE_ARG_SCHEMA: dict[str, dict[str, Any]] = {
-    "tensor_parallel_size": {"type": "integer", "minimum": 1, "description": "GPUs per replica."},
-    "pipeline_parallel_size": {"type": "integer", "minimum": 1},
-    "max_model_len": {"type": "integer", "minimum": 1, "description": "Longest prompt plus output."},
-    "max_num_seqs": {"type": "integer", "minimum": 1, "description": "Sequences batched at once."},
-    "max_num_batched_tokens": {"type": "integer", "minimum": 1},
-    "gpu_memory_utilization": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "dtype": {"type": "string", "enum": ["auto", "half", "float16", "bfloat16", "float", "float32"]},
-    "quantization": {"type": ["string", "null"]},
-    "kv_cache_dtype": {"type": "string"},
-    "block_size": {"type": "integer", "minimum": 1},
-    "seed": {"type": ["integer", "null"]},
-    "enforce_eager": {"type": "boolean"},
-    "enable_prefix_caching": {"type": ["boolean", "null"]},
-    "trust_remote_code": {"type": "boolean"},
-}
 
 
 class _Strict(BaseModel):
@@ -260,7 +218,7 @@ class ModelSpec(_Strict):
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine arguments by their vLLM names, passed through unchanged.",
-        json_schema_extra={"properties": ENGINE_ARG_SCHEMA, "additionalProperties": True},
+        json_schema_extra={"properties": vllm_args.ENGINE_ARG_SCHEMA, "additionalProperties": True},
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica bounds.")
     routing: RoutingSpec = Field(default_factory=RoutingSpec, description="Request routing.")
@@ -391,6 +349,8 @@ class FleetSpec(_Strict):
 
 @dataclasses.dataclass(frozen=True)
 class FieldError:
+    """One problem: the field's path (empty: the whole file) and what is wrong with it."""
+
     path: str
     message: str
 
@@ -405,84 +365,22 @@ class FleetValidationError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def _path(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
+def field_errors(exc: ValidationError, secret: Container[str] = ()) -> list[FieldError]:
+    """Pydantic's errors as FieldErrors: the path (``models[0].engine``) and a short message.
+
+    A field named in ``secret`` (e.g. an API key) gets ``invalid NAME: <the message's first
+    clause>``, so no message about it can echo the value back."""
+    out = []
+    for err in exc.errors():
+        path = ""
+        for part in err["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        name = err["loc"][-1] if err["loc"] else None
+        if name in secret and err["type"] != "missing":
+            msg = f"invalid {name}: " + msg.split(",")[0]
+        out.append(FieldError(path, msg))
     return out
-
-
-@functools.cache
-def _vllm_arg_fields() -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """vLLM's engine and frontend argument fields, by name (None when vLLM is absent)."""
-    try:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.cli_args import FrontendArgs
-    except ImportError:  # pragma: no cover - vLLM is a hard dependency
-        log.warning("vLLM is not importable; engine arguments are not checked")
-        return None
-    engine = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
-    frontend = {
-        f.name: f
-        for f in dataclasses.fields(FrontendArgs)
-        if f.name not in engine and f.name not in _GATEWAY_FRONTEND_KEYS
-    }
-    return engine, frontend
-
-
-@functools.cache
-def _adapter(tp: Any):
-    from pydantic import TypeAdapter
-
-    try:
-        return TypeAdapter(tp)
-    except Exception:  # noqa: BLE001 - some vLLM annotations have no pydantic schema
-        return None
-
-
-def _check_value(field: dataclasses.Field, value: Any) -> str | None:
-    adapter = _adapter(field.type) if not isinstance(field.type, str) else None
-    if adapter is None:
-        return None
-    try:
-        adapter.validate_python(value, strict=False)
-    except ValidationError as e:
-        first = e.errors()[0]
-        return f"invalid value {value!r}: {first['msg']}"
-    except Exception:  # noqa: BLE001 - a validator of vLLM's own that needs more context
-        return None
-    return None
-
-
-def engine_arg_errors(engine: dict[str, Any], base_path: str) -> list[FieldError]:
-    """Check ``engine`` keys (and, where possible, value types) against vLLM's arguments."""
-    fields = _vllm_arg_fields()
-    errors: list[FieldError] = []
-    if fields is None:
-        return errors
-    engine_fields, frontend_fields = fields
-    known = {**engine_fields, **frontend_fields}
-    for key, value in engine.items():
-        path = f"{base_path}.{key}"
-        if key in _OWNED_ENGINE_KEYS:
-            errors.append(FieldError(path, f"not allowed here: {_OWNED_ENGINE_KEYS[key]}"))
-            continue
-        if key in _GATEWAY_FRONTEND_KEYS:
-            errors.append(FieldError(path, "a server setting of vLLM's; the gateway owns it"))
-            continue
-        field = known.get(key)
-        if field is None:
-            hint = difflib.get_close_matches(key, list(known), n=1)
-            more = f" (did you mean {hint[0]!r}?)" if hint else ""
-            errors.append(FieldError(path, f"unknown vLLM engine argument{more}"))
-            continue
-        problem = _check_value(field, value)
-        if problem:
-            errors.append(FieldError(path, problem))
-    return errors
 
 
 def _shape_errors(model: ModelSpec, i: int) -> list[FieldError]:
@@ -509,17 +407,6 @@ def _shape_errors(model: ModelSpec, i: int) -> list[FieldError]:
     return errors
 
 
-def split_engine_args(engine: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a model's ``engine`` block into vLLM engine kwargs and frontend kwargs."""
-    fields = _vllm_arg_fields()
-    if fields is None:
-        return dict(engine), {}
-    engine_fields, frontend_fields = fields
-    eng = {k: v for k, v in engine.items() if k in engine_fields}
-    front = {k: v for k, v in engine.items() if k in frontend_fields}
-    return eng, front
-
-
 def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
     """Validate a fleet given as plain data; raise FleetValidationError naming each field."""
     if not isinstance(data, dict):
@@ -527,18 +414,11 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
     try:
         fleet = FleetSpec.model_validate(data)
     except ValidationError as e:
-        errors = []
-        for err in e.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            elif msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            errors.append(FieldError(_path(err["loc"]), msg))
-        raise FleetValidationError(origin, errors) from None
+        raise FleetValidationError(origin, field_errors(e)) from None
     errors = []
     for i, model in enumerate(fleet.models):
-        errors += engine_arg_errors(model.engine, f"models[{i}].engine")
+        errors += [FieldError(f"models[{i}].engine.{key}", problem)
+                   for key, problem in vllm_args.engine_arg_problems(model.engine)]
         tp = model.engine.get("tensor_parallel_size", 1)
         if isinstance(tp, int) and tp > 1 and model.resources.accelerator == "cpu" and model.resources.num_cpus < tp:
             # vLLM's CPU build runs tensor parallelism with one process per rank, each bound to its cores.
@@ -575,20 +455,30 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
     return fleet
 
 
-def read_fleet_data(path: str | Path) -> Any:
-    """A fleet file's YAML as plain data (not yet validated)."""
-    origin = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise FleetValidationError(origin, [FieldError("", f"cannot read the file: {e.strerror}")]) from None
+def parse_yaml(text: str, origin: str, *, secret: bool = False) -> Any:
+    """YAML text as plain data. A syntax error raises FleetValidationError with its line and
+    column and, unless ``secret`` (text holding keys), yaml's description of the problem."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise FleetValidationError(origin, [FieldError("", f"not valid YAML{where}: {problem}")]) from None
+        problem = "" if secret else ": " + (getattr(e, "problem", None) or str(e))
+        raise FleetValidationError(origin, [FieldError("", f"not valid YAML{where}{problem}")]) from None
+
+
+def read_yaml(path: str | Path, what: str = "the file", *, secret: bool = False) -> Any:
+    """A YAML file as plain data (see ``parse_yaml``); FleetValidationError when unreadable."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FleetValidationError(str(path), [FieldError("", f"cannot read {what}: {e.strerror}")]) from None
+    return parse_yaml(text, str(path), secret=secret)
+
+
+def read_fleet_data(path: str | Path) -> Any:
+    """A fleet file's YAML as plain data (not yet validated)."""
+    return read_yaml(path)
 
 
 def load_fleet(path: str | Path) -> FleetSpec:

