@@ -9,6 +9,7 @@ Forms::
 
 GGUF files are converted once into a dequantized safetensors folder under the cache
 directory (``$SLM_CACHE_DIR``), keyed by the file's content hash, then loaded by vLLM.
+``build_once`` is how anything is built into that cache (also derived speculative drafts).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -110,37 +112,46 @@ def _say(message: str) -> None:
     log.info(message)
 
 
+def build_once(dest: Path, build: Callable[[Path], None], what: str) -> Path:
+    """The model folder ``dest``, built once by ``build(folder)`` unless it already holds a
+    ``config.json``; return ``dest``.
+
+    Concurrent callers (several replicas on one node) wait on a file lock; ``build`` writes
+    into a temporary sibling folder that is renamed to ``dest`` when it succeeds, so a
+    folder that appears is complete. ``what`` names the work in the progress messages
+    ("converting x.gguf to safetensors")."""
+    from filelock import FileLock
+
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if (dest / "config.json").exists():
+            return dest
+        _say(f"{what} once, into {dest}")
+        started = time.monotonic()
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _say(f"done in {time.monotonic() - started:.1f}s: {what}")
+    return dest
+
+
 def convert_gguf(path: Path, root: Path | None = None) -> Path:
     """Dequantize a GGUF file into a safetensors folder once; return the cached folder.
 
     The cache key is the file's SHA-256, so a changed file converts again and an
-    unchanged one is reused. Concurrent callers (several replicas on one node) wait on a
-    file lock and the folder appears atomically.
+    unchanged one is reused; see ``build_once`` for concurrent callers.
     """
-    from filelock import FileLock
-
-    root = root or cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
     digest = _file_digest(path)[:20]
-    target = root / "gguf" / f"{path.stem}-{digest}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
-            return target
-        size_mb = path.stat().st_size / 1e6
-        _say(f"converting {path.name} ({size_mb:.0f} MB GGUF) to safetensors once, into {target}")
-        started = time.monotonic()
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _convert(path, tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _say(f"converted {path.name} in {time.monotonic() - started:.0f}s")
-    return target
+    target = (root or cache_dir()) / "gguf" / f"{path.stem}-{digest}"
+    size_mb = path.stat().st_size / 1e6
+    return build_once(target, lambda out: _convert(path, out),
+                      f"converting {path.name} ({size_mb:.0f} MB GGUF) to safetensors")
 
 
 def _convert(path: Path, out: Path) -> None:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +49,6 @@ def _fingerprint(target: Path, layers: int) -> str:
 def derive_draft(target: str | Path, layers: int, root: Path | None = None) -> Path:
     """A draft model from the target's embeddings, first ``layers`` decoder layers, final
     norm and LM head, written once as a safetensors folder; return its path."""
-    from filelock import FileLock
-
     target = Path(target)
     config = json.loads((target / "config.json").read_text())
     total = _target_layers(config)
@@ -61,25 +57,9 @@ def derive_draft(target: str | Path, layers: int, root: Path | None = None) -> P
     weights = sorted(target.glob("*.safetensors"))
     if not weights:
         raise DraftError(f"{target} has no .safetensors weights to derive a draft from")
-    root = root or sources.cache_dir()
-    out = root / "drafts" / f"{target.name}-first{layers}-{_fingerprint(target, layers)}"
-    if (out / "config.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / "config.json").exists():
-            return out
-        started = time.monotonic()
-        sources._say(f"deriving a {layers}-layer draft of {target.name} ({total} layers) once, into {out}")
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _write_draft(target, config, total, layers, weights, tmp)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        sources._say(f"draft ready in {time.monotonic() - started:.1f}s")
-    return out
+    out = (root or sources.cache_dir()) / "drafts" / f"{target.name}-first{layers}-{_fingerprint(target, layers)}"
+    return sources.build_once(out, lambda tmp: _write_draft(target, config, total, layers, weights, tmp),
+                              f"deriving a {layers}-layer draft of {target.name} ({total} layers)")
 
 
 def _write_draft(target: Path, config: dict[str, Any], total: int, layers: int, weights: list[Path],
