@@ -99,51 +99,42 @@ class RateLimited(OrchestratorError):
 # -- the fleet's: retry later ----------------------------------------------------------
 
 
-class NoReadyReplica(OrchestratorError):
+class RetryLater(OrchestratorError):
+    """A 503 with ``Retry-After``: the fleet cannot answer now; ``retry_after_s`` says when to
+    try again (each subclass has its default)."""
+
     status = 503
     type = "server_error"
+    retry_after_s = 5
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        wait = self.retry_after_s if retry_after_s is None else retry_after_s
+        super().__init__(message, headers={"Retry-After": str(wait)})
+
+
+class NoReadyReplica(RetryLater):
     code = "model_not_ready"
 
-    def __init__(self, message: str, retry_after_s: int = 5):
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
-
-class Overloaded(OrchestratorError):
+class Overloaded(RetryLater):
     """Admission control: the model's queue is past its bound; retry shortly."""
 
-    status = 503
-    type = "server_error"
     code = "model_overloaded"
-
-    def __init__(self, message: str, retry_after_s: int = 2):
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    retry_after_s = 2
 
 
-class ModelStartFailed(OrchestratorError):
+class ModelStartFailed(RetryLater):
     """A model's replica failed to start (the message names the cause and what to change):
     requests held for it get this instead of waiting out cold_start_timeout_s."""
 
-    status = 503
-    type = "server_error"
     code = "model_start_failed"
-
-    def __init__(self, message: str, retry_after_s: int = 30):
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    retry_after_s = 30
 
 
 class UpstreamTimeout(OrchestratorError):
     status = 504
     type = "server_error"
     code = "timeout"
-
-
-# -- ours ------------------------------------------------------------------------------
-
-
-class EngineDead(OrchestratorError):
-    status = 503
-    type = "server_error"
-    code = "engine_unavailable"
 
 
 _STATUS_TYPES = {
