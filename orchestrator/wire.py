@@ -27,7 +27,7 @@ import secrets
 import struct
 from typing import Any
 
-log = logging.getLogger("slm.wire")
+log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("!16sBI")
 DATA, END, FAIL = 0, 1, 2

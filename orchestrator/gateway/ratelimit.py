@@ -52,7 +52,7 @@ class Decision:
     reason: str = ""
 
 
-def _reset(seconds: float) -> str:
+def format_reset(seconds: float) -> str:
     """OpenAI's reset format: 1s, 6m0s, 1m30s."""
     seconds = max(0.0, seconds)
     if seconds < 60:
@@ -117,11 +117,11 @@ class RateLimiter:
         if req is not None:
             out["x-ratelimit-limit-requests"] = str(rpm)
             out["x-ratelimit-remaining-requests"] = str(max(0, math.floor(req.level)))
-            out["x-ratelimit-reset-requests"] = _reset(req.wait_for(req.capacity))
+            out["x-ratelimit-reset-requests"] = format_reset(req.wait_for(req.capacity))
         if tok is not None:
             out["x-ratelimit-limit-tokens"] = str(tpm)
             out["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(tok.level)))
-            out["x-ratelimit-reset-tokens"] = _reset(tok.wait_for(tok.capacity))
+            out["x-ratelimit-reset-tokens"] = format_reset(tok.wait_for(tok.capacity))
         return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from orchestrator.gateway import auth
-from orchestrator.gateway.ratelimit import RateLimiter, _reset
+from orchestrator.gateway.ratelimit import RateLimiter, format_reset
 from orchestrator.spec import FleetValidationError
 
 KEYS = {"keys": [
@@ -125,7 +125,7 @@ def test_a_refused_request_takes_nothing():
 
 @pytest.mark.parametrize("seconds, text", [(0.25, "0.25s"), (1, "1s"), (59.2, "60s"), (90, "1m30s"), (360, "6m0s")])
 def test_reset_format(seconds, text):
-    assert _reset(seconds) == text
+    assert format_reset(seconds) == text
 
 
 def test_token_estimate_and_usage_sniffing():
