@@ -19,45 +19,22 @@ deployment for ``/v1`` through a handle across applications.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from typing import Any
 
 from orchestrator.engine.args import accelerator
+from orchestrator.names import (
+    APP_IMPORT_PATH,
+    APP_NAME,
+    GATEWAY_DEPLOYMENT,
+    LANE_IMPORT_PATH,
+    deployment_name,
+    lane_app_name,
+    lane_route_prefix,
+)
 from orchestrator.spec import FleetSpec, ModelSpec, parse_fleet
 
-APP_NAME = "slm"
-APP_IMPORT_PATH = "orchestrator.app:build_app"
-LANE_IMPORT_PATH = "orchestrator.app:build_lane_app"
-LANE_PREFIX = "/models"
-GATEWAY_DEPLOYMENT = "gateway"
 METRICS_INTERVAL_S = 0.5
 LOOK_BACK_PERIOD_S = 2.0
-
-
-def deployment_name(model_name: str) -> str:
-    """A Serve deployment name for a model (Serve names allow fewer characters)."""
-    safe = re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
-    if safe != model_name:
-        safe += "-" + hashlib.sha1(model_name.encode()).hexdigest()[:6]
-    return f"model-{safe}"
-
-
-def lane_slug(model_name: str) -> str:
-    """The URL path segment of a model's fast lane (model names may hold ``/`` and ``:``)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
-    if safe != model_name:
-        safe += "-" + hashlib.sha1(model_name.encode()).hexdigest()[:6]
-    return safe
-
-
-def lane_app_name(model_name: str) -> str:
-    return f"{APP_NAME}-lane-{lane_slug(model_name)}"
-
-
-def lane_route_prefix(model_name: str) -> str:
-    """Where a model's fast lane answers: ``<prefix>/v1/chat/completions`` and so on."""
-    return f"{LANE_PREFIX}/{lane_slug(model_name)}"
 
 
 def applications(fleet_data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -97,7 +74,7 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
             },
         },
         "request_router_config": {
-            "request_router_class": "orchestrator.serve_router:SlmRequestRouter",
+            "request_router_class": "orchestrator.routing.serve_router:SlmRequestRouter",
             "request_router_kwargs": {
                 "model": spec.name,
                 "policy": spec.routing.policy,
@@ -148,7 +125,7 @@ def build_app(args: dict[str, Any] | FleetSpec):
     from ray import serve
 
     from orchestrator.engine.server import ModelServer
-    from orchestrator.gateway.app import Gateway, api
+    from orchestrator.gateway.ingress import Gateway, api
 
     fleet = args if isinstance(args, FleetSpec) else parse_fleet(args, "serve application args")
     peers = memory_peers(fleet)
@@ -178,7 +155,7 @@ def build_lane_app(args: dict[str, Any]):
     ``{"fleet": <the fleet tree>, "model": <name>}``."""
     from ray import serve
 
-    from orchestrator.engine.lane import LaneServer
+    from orchestrator.gateway.lane import LaneServer
 
     if not isinstance(args, dict) or "fleet" not in args or "model" not in args:
         raise ValueError("build_lane_app args: {fleet: <the fleet>, model: <a model name in it>}")

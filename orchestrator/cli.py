@@ -20,9 +20,10 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
+from orchestrator import ray_compat, runtime_env
+from orchestrator.names import APP_NAME, deployment_name, model_app
 from orchestrator.spec import FleetSpec, FleetValidationError, demo_fleet_path, load_fleet
 
 EXIT_BAD_INPUT = 2
@@ -76,7 +77,7 @@ def _plan_cpu_memory(fleet: FleetSpec, origin: str, memory_bytes: int | None = N
     return "\n".join(lines)
 
 
-def _resolve_sources(fleet: FleetSpec, origin: str) -> None:
+def resolve_sources(fleet: FleetSpec, origin: str) -> None:
     """Check every local source exists and convert GGUF files now, with progress shown."""
     from orchestrator import sources
     from orchestrator.engine import speculative
@@ -138,69 +139,8 @@ def _failure_summary(statuses: dict, failed: list[str], names: dict[str, tuple[s
             elif status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 cause = startup.cause_from_log(message) or (message.strip().splitlines() or ["(no message)"])[0]
                 lines.append(f"model {model!r} ({dep_name}) failed: {cause[:400]}")
-                lines.append(f"  full log: {_ray_logs_dir()}/serve (the Serve controller's log)")
-    return lines or [f"deployment failed: {', '.join(failed)} (see {_ray_logs_dir()})"]
-
-
-def _ray_logs_dir() -> str:
-    """Where Ray keeps this session's logs (its documented default location)."""
-    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "session_latest", "logs")
-
-
-def _private_haproxy_paths() -> None:
-    """Ray's HAProxy ingress keeps its config, admin socket and state under fixed paths in
-    /tmp and its stats on fixed ports: give this local stack its own, so two stacks on one
-    machine do not share (and break) one HAProxy setup; and a short drain window for
-    stopping gateway replicas. Explicit values win."""
-    import atexit
-    import shutil
-    import tempfile
-
-    base = tempfile.mkdtemp(prefix="slm-haproxy-")
-    atexit.register(shutil.rmtree, base, ignore_errors=True)
-    paths = {"CONFIG_FILE_LOC": "haproxy.cfg", "SOCKET_PATH": "admin.sock", "SERVER_STATE_BASE": "",
-             "SERVER_STATE_FILE": "server-state"}
-    for key, name in paths.items():
-        os.environ.setdefault(f"RAY_SERVE_HAPROXY_{key}", os.path.join(base, name) if name else base)
-    # A stopping gateway replica stays open this long so load balancers can drop it (Serve's
-    # default, 30 s, made every Ctrl-C wait 30 s); the local HAProxy hears within a second.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    from orchestrator.devtools.stack import free_port
-
-    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        if key not in os.environ:
-            os.environ[key] = str(free_port())  # bound later, by HAProxy
-
-
-# Ray's own observability, off for the Ray cluster `slm serve` starts (SLM_RAY_OBSERVABILITY=1
-# keeps it; an explicit value wins): Ray's system metrics (Serve records several per request
-# through OpenTelemetry, and a dashboard agent exports them), per-call task events reported
-# to the GCS (`ray list tasks`), and per-handler event-loop statistics. The gateway's own
-# /metrics (every number the chart's alerts and dashboard use) is unaffected. On the 2-core
-# bench machine it took the idle stack from ~17% to ~13% of the shared core; under load at
-# 32 streams the gain was within the noise (1,864 -> 1,925 tok/s in one pair of runs).
-LEAN_RAY_ENV = {"RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "0",
-                "RAY_event_stats": "0"}
-
-
-def serve_environment(fleet: FleetSpec, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment `slm serve` adds before Ray starts (so every Ray process sees it);
-    a variable already in ``environ`` keeps its value."""
-    from orchestrator.k8s.render import GRPC_MAX_MESSAGE_BYTES, HTTP_KEEP_ALIVE_S, SERVE_FAST_PATH_ENV
-
-    # Longer than clients' idle keep-alive, so a reused connection is never cut by the proxy
-    # (the RayService's serveConfigV2 sets the same in http_options).
-    wanted = {"RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S": str(HTTP_KEEP_ALIVE_S)}
-    local = not environ.get("RAY_ADDRESS")
-    # Ray Serve's fast path (SLM_SERVE_FAST_PATH=0 turns it off).
-    if environ.get("SLM_SERVE_FAST_PATH", "1") != "0":
-        wanted.update(SERVE_FAST_PATH_ENV)
-        # Requests reach replicas as gRPC messages: room for the largest body the gateway takes.
-        wanted["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] = str(
-            min(2**31 - 1, max(GRPC_MAX_MESSAGE_BYTES, 2 * fleet.gateway.max_body_bytes + 2**20)))
-    if local and environ.get("SLM_RAY_OBSERVABILITY", "0") != "1":
-        wanted.update(LEAN_RAY_ENV)
-    return {k: v for k, v in wanted.items() if k not in environ}
+                lines.append(f"  full log: {ray_compat.ray_logs_dir()}/serve (the Serve controller's log)")
+    return lines or [f"deployment failed: {', '.join(failed)} (see {ray_compat.ray_logs_dir()})"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -213,39 +153,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # its own node when it starts).
         for line in _plan_cpu_memory(fleet, origin).splitlines():
             _say(line)
-    _resolve_sources(fleet, origin)
+    resolve_sources(fleet, origin)
 
-    os.environ.update(serve_environment(fleet, os.environ))
-    if os.environ.get("SLM_SERVE_FAST_PATH", "1") != "0" and not os.environ.get("RAY_ADDRESS"):
-        _private_haproxy_paths()
+    os.environ.update(runtime_env.serve_environment(fleet, os.environ))
+    if runtime_env.fast_path_on(os.environ) and not os.environ.get("RAY_ADDRESS"):
+        runtime_env.private_haproxy_paths()
     from orchestrator.terminal import TracebackFolder
 
     # The replicas' output comes through here: fold their tracebacks (the failure summary
     # names the cause and the log that holds them).
-    sys.stdout = TracebackFolder(sys.stdout, _ray_logs_dir())
-    sys.stderr = TracebackFolder(sys.stderr, _ray_logs_dir())
+    sys.stdout = TracebackFolder(sys.stdout, ray_compat.ray_logs_dir())
+    sys.stderr = TracebackFolder(sys.stderr, ray_compat.ray_logs_dir())
     import ray
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from orchestrator.app import APP_NAME, applications, build_app, build_lane_app, deployment_name, lane_app_name
-    from orchestrator.engine.args import accelerator
+    from orchestrator.app import applications, build_app, build_lane_app
 
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        _say(f"joining the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # Room for every model at its max_replicas, so the autoscaler can place them all.
-        wanted = sum(m.resources.num_cpus * m.autoscaling.max_replicas for m in fleet.models
-                     if accelerator(m) == "cpu")
-        cores = os.cpu_count() or 1
-        num_cpus = max(cores, int(wanted + 0.999))
-        if num_cpus > cores:
-            _say(f"the fleet reserves {wanted:g} logical CPUs on a {cores}-core machine: "
-                 f"starting Ray with {num_cpus} (engines share the cores)")
-        _say("starting a local Ray cluster")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    runtime_env.start_ray(fleet, _say)
 
     stop = {"now": False}
 
@@ -256,8 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port})
-        names = {m.name: (lane_app_name(m.name) if m.fast_lane else APP_NAME, deployment_name(m.name))
-                 for m in fleet.models}
+        names = {m.name: (model_app(m.name, m.fast_lane), deployment_name(m.name)) for m in fleet.models}
         apps = applications(fleet.model_dump(mode="json"))
         builders = {APP_NAME: build_app}
         serve.run_many(

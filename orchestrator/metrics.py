@@ -1,6 +1,6 @@
-"""Every metric name, defined once.
+"""The gateway's metrics, and the parsing of vLLM's metrics it merges into ``/metrics``.
 
-Gateway-side (this module, one registry per gateway process):
+Gateway-side (defined here, one registry per gateway process):
 
 * ``slm_requests_total{model,endpoint,status}``: finished requests by HTTP status
   (``cancelled`` for clients that went away mid-stream);
@@ -17,8 +17,13 @@ Gateway-side (this module, one registry per gateway process):
   tokens a verification step yields (1 + accepted per draft), both from vLLM's counters;
 * ``slm_retries_total{model}``: non-streaming requests retried once after their replica died;
 * ``slm_admission_rejected_total{model}``: quick 503s while a model's queue is past its bound;
-* ``slm_router_picks_total{model,replica,policy}`` and ``slm_router_spills_total{model,policy}``
-  (from ``orchestrator.routing``): where the request router sent each request.
+* ``slm_admission_queue_estimated{model}``: 1 while admission control counts from the gateway
+  replica's own in-flight requests because the fleet state is unavailable or stale, and
+  ``slm_fleet_state_errors_total``: failed reads of the fleet-state actor.
+
+Defined elsewhere, in the process that records them, and exposed by the same ``/metrics``:
+``slm_router_picks_total{model,replica,policy}`` and ``slm_router_spills_total{model,policy}``
+(``orchestrator.routing.policy``, in the routers running in each gateway replica).
 
 Engine-side, vLLM's own metrics from every model replica are appended to ``/metrics``
 with a ``replica`` label, among them the per-model token counters
@@ -77,6 +82,15 @@ class GatewayMetrics:
         self.rejected = Counter(
             "slm_admission_rejected_total", "Requests refused by admission control (queue past its bound).",
             ["model"], registry=self.registry,
+        )
+        self.queue_estimated = Gauge(
+            "slm_admission_queue_estimated", "1 while admission control for the model counts from this gateway "
+            "replica's own in-flight requests, because the fleet state is unavailable or stale.", ["model"],
+            registry=self.registry,
+        )
+        self.fleet_state_errors = Counter(
+            "slm_fleet_state_errors_total", "Failed reads of the fleet-state actor (queue depth, start failures).",
+            registry=self.registry,
         )
         self.streams = Counter(
             "slm_streams_total", "Streams by how their body travelled: direct (the replica-to-gateway channel) "

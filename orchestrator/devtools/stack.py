@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,39 +21,13 @@ from pathlib import Path
 import httpx
 import yaml
 
+from orchestrator.runtime_env import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 class StackError(RuntimeError):
     """The stack exited or was not ready in time; the message ends with its log's tail."""
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, chosen below the kernel's ephemeral range.
-
-    The port is bound later, by another process (HAProxy, uvicorn). Meanwhile Ray opens
-    many sockets, and those take ephemeral ports; a port the kernel handed out from that
-    range could be taken in between (seen once in CI: HAProxy exiting with "Address
-    already in use"). Ports below the range are never handed out that way."""
-    low, _ = _ephemeral_ports()
-    rng = random.SystemRandom()
-    for _ in range(100):
-        port = rng.randrange(20000, low) if low > 21000 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError("no free TCP port below the ephemeral range")
 
 
 class Stack:
@@ -66,10 +38,15 @@ class Stack:
         self.returncode: int | None = None
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
+
+
+def log_tail(path: Path, n: int = 40) -> str:
+    """The last ``n`` lines of a server's log, for an error message ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Make vLLM's answers parse under OpenAI's official schema.
+"""OpenAI's API where vLLM differs from it: answers that parse under OpenAI's official schema,
+and requests held to OpenAI's documented parameter ranges (``check_ranges``).
 
 vLLM sends ``null`` for a few fields that OpenAI's schema declares optional but not
 nullable (``annotations``, ``function_call``, ``completion_tokens_details`` ...). Strict
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from orchestrator import errors
 
 # Optional, non-nullable fields (per OpenAI's openapi.yaml) that vLLM may set to null.
 DROP_WHEN_NULL = frozenset(
@@ -44,3 +47,27 @@ def dump(model: Any) -> bytes:
 
 def clean_json_bytes(body: bytes) -> bytes:
     return json.dumps(clean(json.loads(body)), separators=(",", ":")).encode()
+
+
+# OpenAI's documented parameter ranges that vLLM does not enforce itself.
+RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "n": (1, 128),
+    "max_tokens": (1, None),
+    "max_completion_tokens": (1, None),
+    "top_logprobs": (0, 20),
+}
+
+
+def check_ranges(payload: dict[str, Any]) -> None:
+    """400 naming the parameter when one is outside OpenAI's documented range."""
+    for key, (low, high) in RANGES.items():
+        value = payload.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise errors.InvalidRequest(f"'{key}' must be {bound}; got {value}", param=key)

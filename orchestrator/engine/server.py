@@ -20,125 +20,26 @@ Two entry points:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator import console_logging, errors, metrics, sources, startup, wire
-from orchestrator.engine import openai_compat, speculative
+from orchestrator.engine import openai_compat, speculative, vllm_compat
 from orchestrator.engine.args import accelerator, build_vllm_args, engine_environment
+from orchestrator.engine.load import EngineLoad
+from orchestrator.engine.streaming import coalesce, send_direct
 from orchestrator.spec import ModelSpec
 
 log = logging.getLogger("orchestrator.engine")
 
 JSON = "application/json"
 SSE = "text/event-stream"
-
-# OpenAI's documented parameter ranges that vLLM does not enforce itself.
-_RANGES = {
-    "temperature": (0.0, 2.0),
-    "top_p": (0.0, 1.0),
-    "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0),
-    "n": (1, 128),
-    "max_tokens": (1, None),
-    "max_completion_tokens": (1, None),
-    "top_logprobs": (0, 20),
-}
-
-
-class EngineLoad:
-    """The engine's queue as its scheduler last reported it, plus requests in this replica.
-
-    vLLM reports ``SchedulerStats`` (running and waiting requests, KV-cache use) after each
-    engine step through its stat-logger interface; ``logger_factory`` plugs this object in.
-    An idle engine stops stepping, so when no request is in flight here the queue is 0
-    whatever the last report said.
-    """
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.waiting = 0
-        self.kv_cache_usage = 0.0
-        self.in_flight = 0
-        self.started = 0  # requests ever started here (tells the metrics push what changed)
-
-    def record(self, scheduler_stats) -> None:
-        if scheduler_stats is None:
-            return
-        self.running = scheduler_stats.num_running_reqs
-        self.waiting = scheduler_stats.num_waiting_reqs + getattr(scheduler_stats, "num_skipped_waiting_reqs", 0)
-        self.kv_cache_usage = scheduler_stats.kv_cache_usage
-
-    @property
-    def queue_depth(self) -> int:
-        if self.in_flight == 0:
-            return 0
-        # Requests still being rendered/tokenized are not in the scheduler yet.
-        return max(self.running + self.waiting, self.in_flight)
-
-    def stats(self) -> dict[str, float]:
-        busy = self.in_flight > 0
-        return {
-            "queue_depth": float(self.queue_depth),
-            "running": float(self.running if busy else 0),
-            "waiting": float(self.waiting if busy else 0),
-            "in_flight": float(self.in_flight),
-            "kv_cache_usage": float(self.kv_cache_usage if busy else 0.0),
-        }
-
-    def logger_factory(self):
-        """A vLLM ``StatLoggerFactory`` whose loggers feed this object."""
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        load = self
-
-        class _LoadLogger(StatLoggerBase):
-            def __init__(self, vllm_config, engine_index: int = 0):
-                pass
-
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-                load.record(scheduler_stats)
-
-            def log_engine_initialized(self):
-                pass
-
-        return _LoadLogger
-
-
-def _check_ranges(payload: dict[str, Any]) -> None:
-    for key, (low, high) in _RANGES.items():
-        value = payload.get(key)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise errors.InvalidRequest(f"'{key}' must be {bound}; got {value}", param=key)
-
-
-def _pydantic_error(exc: Exception) -> errors.InvalidRequest:
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
-        # Unions report the member class as the first location part; drop it.
-        loc = [p for p in loc if not re.fullmatch(r"[A-Z]\w*Request", p)]
-        param = ".".join(loc) or None
-        msg = first.get("msg", "invalid value")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        where = f"'{param}': " if param else ""
-        return errors.InvalidRequest(f"Invalid request: {where}{msg}", param=param)
-    return errors.InvalidRequest(f"Invalid request: {exc}")
-
 
 def _error_field(body: bytes, status: int) -> dict[str, Any]:
     """The ``error`` object of a vLLM error body, or a stand-in when it has none."""
@@ -273,28 +174,13 @@ class ModelServer:
             log.debug("model %s: start report failed: %r", self.spec.name, e)
 
     async def _start_engine(self, engine_args):
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.v1.executor.abstract import Executor
-
         self._bind_cpu_ranks()
+        placement_group = None
+        if accelerator(self.spec) == "gpu" and self.spec.tensor_parallel_size > 1:
+            import ray.util
 
-        def create():
-            config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-            if accelerator(self.spec) == "gpu" and self.spec.tensor_parallel_size > 1:
-                import ray.util
-
-                config.parallel_config.placement_group = ray.util.get_current_placement_group()
-            return config
-
-        config = await asyncio.to_thread(create)
-        return AsyncLLM(
-            vllm_config=config,
-            executor_class=Executor.get_class(config),
-            log_requests=False,
-            log_stats=not engine_args.disable_log_stats,
-            stat_loggers=[self.load.logger_factory()],
-        )
+            placement_group = ray.util.get_current_placement_group()
+        return await vllm_compat.start_engine(engine_args, self.load.record, placement_group)
 
     def _bind_cpu_ranks(self) -> None:
         """Tensor parallelism on CPU: vLLM binds each rank's threads to its own cores, and on a
@@ -316,20 +202,7 @@ class ModelServer:
                  "in the model's env to override)", self.spec.name, binding)
 
     async def _init_serving(self, engine_args, frontend_args) -> None:
-        from starlette.datastructures import State
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-
-        state = State()
-        ns = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
-        supported = await self.engine.get_supported_tasks()
-        await init_app_state(self.engine, state, ns, supported_tasks=supported)
-        self._chat = getattr(state, "openai_serving_chat", None)
-        self._completion = getattr(state, "openai_serving_completion", None)
-        for serving in (self._chat, self._completion):
-            if serving is not None:
-                enforce_context_limit(serving)
-        self._embedding = getattr(state, "serving_embedding", None)
-        self._state = state
+        self._servings = await vllm_compat.init_serving(self.engine, engine_args, frontend_args)
 
     @staticmethod
     def _make_replica_id() -> str:
@@ -342,35 +215,8 @@ class ModelServer:
 
     # -- requests -------------------------------------------------------------------------
 
-    @staticmethod
-    def _parse(endpoint: str, payload: dict[str, Any]):
-        """vLLM's request model for a JSON object the gateway already decoded."""
-        from pydantic import TypeAdapter, ValidationError
-        from vllm.exceptions import VLLMClientError
-
-        _check_ranges(payload)
-        try:
-            if endpoint == "chat":
-                from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-                return ChatCompletionRequest.model_validate(payload)
-            if endpoint == "completions":
-                from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-                return CompletionRequest.model_validate(payload)
-            from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-
-            return TypeAdapter(EmbeddingRequest).validate_python(payload)
-        except ValidationError as e:
-            raise _pydantic_error(e) from e
-        except VLLMClientError as e:  # vLLM's own validators (e.g. top_logprobs without logprobs)
-            message = e.args[0] if e.args else str(e)
-            raise errors.InvalidRequest(f"Invalid request: {message}", param=getattr(e, "parameter", None)) from e
-        except (ValueError, TypeError) as e:
-            raise errors.InvalidRequest(f"Invalid request: {e}") from e
-
     def _serving(self, endpoint: str):
-        serving = {"chat": self._chat, "completions": self._completion, "embeddings": self._embedding}.get(endpoint)
+        serving = self._servings.get(endpoint)
         if serving is None:
             raise errors.WrongTask(
                 f"The model '{self.spec.name}' does not support the {endpoint} endpoint (task: {self.spec.task})",
@@ -380,24 +226,12 @@ class ModelServer:
 
     async def _run(self, endpoint: str, payload: dict[str, Any]):
         """Validate and submit a request; returns vLLM's result (response, error or generator)."""
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-        request = self._parse(endpoint, payload)
+        openai_compat.check_ranges(payload)
+        request = vllm_compat.parse_request(endpoint, payload)
         serving = self._serving(endpoint)
-        try:
-            if endpoint == "chat":
-                return await serving.create_chat_completion(request, None)
-            if endpoint == "completions":
-                return await serving.create_completion(request, None)
-            return await serving(request, None)
-        except errors.OrchestratorError:
-            raise
-        except Exception as e:  # noqa: BLE001 - vLLM raises plain exceptions for bad input
-            return create_error_response(e)
-
-    @staticmethod
-    def _is_error(result: Any) -> bool:
-        return type(result).__name__ == "ErrorResponse"
+        if (constrained := vllm_compat.structured_output(request)) is not None:
+            await asyncio.to_thread(vllm_compat.check_structured_output, constrained)
+        return await vllm_compat.run(serving, endpoint, request)
 
     def _error_result(self, result: Any) -> tuple[int, bytes]:
         status, body = errors.from_vllm_error(result.error.model_dump())
@@ -416,7 +250,7 @@ class ModelServer:
         self.load.started += 1
         try:
             result = await self._run(endpoint, payload)
-            if self._is_error(result):
+            if vllm_compat.is_error(result):
                 return self._engine_dead() or self._error_result(result)
             if hasattr(result, "body") and hasattr(result, "status_code"):  # a Starlette response
                 if result.status_code != 200:
@@ -479,7 +313,7 @@ class ModelServer:
             yield status, JSON, False
             yield body
             return
-        if self._is_error(result):
+        if vllm_compat.is_error(result):
             status, body = self._error_result(result)
             yield status, JSON, False
             yield body
@@ -572,128 +406,3 @@ class ModelServer:
                 pass
 
 
-def enforce_context_limit(serving) -> None:
-    """Refuse (400) prompts whose tokens plus the requested output exceed max_model_len.
-
-    vLLM quietly shortens ``max_tokens`` to fit; OpenAI answers such a request with a
-    400, and clients rely on that to notice truncation. The check runs on the prompt
-    vLLM has already rendered and tokenized, so nothing is tokenized twice.
-    """
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-    max_model_len = serving.model_config.max_model_len
-    chat_render = getattr(serving, "render_chat_request", None)
-    completion_render = getattr(serving, "render_completion_request", None)
-
-    def check(request, engine_inputs) -> ErrorResponse | None:
-        requested = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
-        if requested is None or getattr(request, "truncate_prompt_tokens", None) is not None:
-            return None
-        for engine_input in engine_inputs:
-            prompt_len = serving._extract_prompt_len(engine_input)
-            if prompt_len + requested > max_model_len:
-                return create_error_response(
-                    f"This model's maximum context length is {max_model_len} tokens. However, you "
-                    f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
-                    f"{requested} for the completion). Please reduce the prompt or max_tokens.",
-                    param="max_tokens",
-                )
-        return None
-
-    if chat_render is not None:
-        async def render_chat_request(request):
-            result = await chat_render(request)
-            if isinstance(result, ErrorResponse):
-                return result
-            return check(request, result[1]) or result
-
-        serving.render_chat_request = render_chat_request
-    elif completion_render is not None:
-        async def render_completion_request(request):
-            result = await completion_render(request)
-            if isinstance(result, ErrorResponse):
-                return result
-            return check(request, result) or result
-
-        serving.render_completion_request = render_completion_request
-
-
-async def send_direct(source: AsyncIterator[str], conn, sid: bytes) -> None:
-    """Write ``source``'s chunks to a gateway inbox connection, then the END frame.
-
-    Cancelled (the client went away), or failing, it closes vLLM's generator, which aborts
-    the request; a failure also tells the gateway with a FAIL frame.
-    """
-    try:
-        async for chunk in source:
-            conn.send(sid, wire.DATA, chunk.encode())
-            if conn.paused:
-                await conn.drain()
-        conn.send(sid, wire.END)
-        conn.flush()
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:
-        log.warning("stream failed mid-way: %r", e)
-        with contextlib.suppress(ConnectionError):
-            conn.send(sid, wire.FAIL, b"The model server stopped while streaming; retry the request.")
-            conn.flush()
-        raise
-    finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
-
-
-async def coalesce(source: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    """Relay ``source`` as bytes, joining whatever piled up while the consumer was busy.
-
-    The first chunk goes out as soon as it exists; later chunks that arrive while the
-    previous send is in flight are joined into one. Closing this generator (the client
-    went away) cancels the pump, which closes vLLM's generator and aborts the request.
-    """
-    pending: list[str] = []
-    ready = asyncio.Event()
-    finished = False
-    failure: BaseException | None = None
-
-    async def pump() -> None:
-        nonlocal finished, failure
-        try:
-            async for chunk in source:
-                pending.append(chunk)
-                ready.set()
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            failure = e
-        finally:
-            finished = True
-            ready.set()
-
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            await ready.wait()
-            ready.clear()
-            if pending:
-                data = "".join(pending).encode()
-                pending.clear()
-                yield data
-            if finished and not pending:
-                break
-        if failure is not None and not isinstance(failure, asyncio.CancelledError):
-            raise failure
-    finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001
-                pass
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            try:
-                await aclose()
-            except BaseException:  # noqa: BLE001
-                pass

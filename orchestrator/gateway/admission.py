@@ -1,11 +1,13 @@
 """What every OpenAI request passes before a model sees it, wherever it enters: the
 gateway (``/v1``, routed by its "model") or a model's fast lane (``/models/<name>/v1``,
-answered by that model's replicas themselves; see ``orchestrator.engine.lane``).
+answered by that model's replicas themselves; see ``orchestrator.gateway.lane``).
 
-``Admission`` checks the caller's API key, decodes the body and applies the request caps and
-the key's rate limits; after the answer it reconciles the key's tokens with what was used
-and writes the audit line. Both entry points share one rate-limiter actor, so a key's limits
-hold across them.
+``Admission.enter`` is the one sequence both take: the caller's API key, the decoded body,
+the request caps, capacity (``orchestrator.gateway.capacity``, checked by the caller's
+``capacity`` callback), then the key's rate limits, charged last so that a request refused
+for any other reason costs the key nothing. After the answer, ``finish`` reconciles the key's
+tokens with what was used and writes the audit line. Both entry points share one
+rate-limiter actor, so a key's limits hold across them.
 """
 
 from __future__ import annotations
@@ -14,22 +16,22 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 
-from orchestrator import errors
+from orchestrator import errors, ray_compat
 from orchestrator.gateway import auth as keys
 from orchestrator.gateway import ratelimit
 from orchestrator.gateway.audit import AuditLog
+from orchestrator.gateway.http import REQUEST_ID
 from orchestrator.spec import FleetSpec, ModelSpec
 
 log = logging.getLogger("orchestrator.gateway")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
 # Tokens reserved against a key's tokens-per-minute for a request without max_tokens
 # (reconciled with the answer's real usage when it is known).
 DEFAULT_RESERVED_OUTPUT_TOKENS = 256
@@ -76,16 +78,11 @@ class RequestContext:
 def request_id(request: Request) -> tuple[str, bool]:
     """(the request's id, whether the gateway must echo it). Under Ray Serve the proxy has
     already taken the client's x-request-id (or made one) and returns it itself."""
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        serve_id = _get_serve_request_context().request_id
-    except Exception:  # noqa: BLE001 - outside Serve
-        serve_id = ""
+    serve_id = ray_compat.serve_request_id()
     if serve_id:
         return serve_id, False
     given = request.headers.get("x-request-id")
-    if given and _REQUEST_ID.match(given):
+    if given and REQUEST_ID.match(given):
         return given, True
     return uuid.uuid4().hex, True
 
@@ -167,6 +164,32 @@ class Admission:
         if admin and not record.admin:
             raise errors.Forbidden("This key may not read this endpoint (it needs an admin key).")
         return record
+
+    async def enter(self, request: Request, endpoint: str, capacity: Callable[[ModelSpec], Awaitable[None]],
+                    serves: str | None = None) -> tuple[RequestContext, dict[str, Any], ModelSpec, bool]:
+        """Admit a request or raise its 4xx/503 (its audit line written): (its context, the
+        decoded body, the model's spec, whether it streams). ``capacity`` raises 503 when the
+        model is full; ``serves`` names the only model this entry point serves."""
+        ctx = RequestContext(*request_id(request), endpoint, time.perf_counter())
+        request.state.ctx = ctx
+        try:
+            ctx.key = self.authenticate(request)
+            payload, spec, stream = await self.read(request, endpoint, ctx.key)
+            if serves is not None and spec.name != serves:
+                raise errors.InvalidRequest(f"This endpoint serves only the model '{serves}'; send requests "
+                                            f"for '{spec.name}' to /v1", param="model")
+            ctx.model, ctx.stream = spec.name, stream
+            if self.audit is not None and self.audit.include_prompts:
+                ctx.body = payload
+            await capacity(spec)
+            await self.admit(ctx, payload)
+        except errors.OrchestratorError as e:
+            ctx.status = e.status
+            self.finish(ctx)
+            raise
+        if ctx.echo_id:
+            ctx.headers["x-request-id"] = ctx.request_id
+        return ctx, payload, spec, stream
 
     def _limiter_actor(self):
         if self._limiter is None:

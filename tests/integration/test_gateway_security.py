@@ -180,7 +180,7 @@ def test_request_ids_are_returned_and_audited_without_prompts(secure_stack, http
 
 
 def lane_url(stack) -> str:
-    from orchestrator.app import lane_route_prefix
+    from orchestrator.names import lane_route_prefix
 
     return f"{stack.url}{lane_route_prefix(SECRET)}"
 

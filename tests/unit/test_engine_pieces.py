@@ -7,11 +7,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import errors
-from orchestrator.app import deployment_name, replica_options
+from orchestrator.app import replica_options
 from orchestrator.engine import args as engine_args
 from orchestrator.engine import openai_compat
-from orchestrator.engine.server import ModelServer, _check_ranges, coalesce
+from orchestrator.engine.openai_compat import check_ranges
+from orchestrator.engine.streaming import coalesce
+from orchestrator.engine.vllm_compat import parse_request
 from orchestrator.metrics import label_samples, merge_exposition
+from orchestrator.names import deployment_name
 from orchestrator.spec import ModelSpec
 
 
@@ -137,12 +140,12 @@ def test_clean_drops_only_non_nullable_nulls():
 )
 def test_out_of_range_parameters(payload, param):
     with pytest.raises(errors.InvalidRequest) as err:
-        _check_ranges(payload)
+        check_ranges(payload)
     assert err.value.param == param
 
 
 def test_in_range_parameters_pass():
-    _check_ranges({"temperature": 0, "top_p": 1, "n": 2, "max_tokens": 16, "stream": True})
+    check_ranges({"temperature": 0, "top_p": 1, "n": 2, "max_tokens": 16, "stream": True})
 
 
 def test_vllm_own_validators_give_400_naming_the_field():
@@ -150,9 +153,9 @@ def test_vllm_own_validators_give_400_naming_the_field():
     found by the fuzz tests, where it surfaced as a 500."""
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}
     with pytest.raises(errors.InvalidRequest, match="logprobs") as e:
-        ModelServer._parse("chat", body)
+        parse_request("chat", body)
     assert e.value.status == 400 and e.value.param == "top_logprobs"
-    assert ModelServer._parse("chat", {**body, "logprobs": True}).top_logprobs == 3
+    assert parse_request("chat", {**body, "logprobs": True}).top_logprobs == 3
 
 
 # -- engine choices and replica options ----------------------------------------------------

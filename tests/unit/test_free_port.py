@@ -1,10 +1,10 @@
 import socket
 
-from orchestrator.devtools import stack
+from orchestrator import runtime_env as stack
 
 
 def test_free_ports_come_from_below_the_ephemeral_range():
-    low, _ = stack._ephemeral_ports()
+    low, _ = stack.ephemeral_ports()
     ports = {stack.free_port() for _ in range(20)}
     assert all(20000 <= p < low for p in ports), ports
     port = ports.pop()
@@ -21,5 +21,5 @@ def test_a_taken_port_is_skipped(monkeypatch):
         busy = taken.getsockname()[1]
         picks = iter([busy, busy, free])
         monkeypatch.setattr(stack.random.SystemRandom, "randrange", lambda self, a, b: next(picks))
-        monkeypatch.setattr(stack, "_ephemeral_ports", lambda: (32768, 60999))
+        monkeypatch.setattr(stack, "ephemeral_ports", lambda: (32768, 60999))
         assert stack.free_port() == free

@@ -7,16 +7,17 @@ import asyncio
 import pytest
 from starlette.requests import ClientDisconnect
 
-from orchestrator.gateway.app import _GuardedStream, _RequestContext
+from orchestrator.gateway.admission import RequestContext
+from orchestrator.gateway.http import GuardedStream
 
 SCOPE = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST"}
 
 
-def _ctx() -> _RequestContext:
-    return _RequestContext("req-1", False, "chat", 0.0)
+def _ctx() -> RequestContext:
+    return RequestContext("req-1", False, "chat", 0.0)
 
 
-def _stream(ctx: _RequestContext, cleaned: list[str]):
+def _stream(ctx: RequestContext, cleaned: list[str]):
     async def body():
         ctx.body_started = True
         try:
@@ -25,7 +26,7 @@ def _stream(ctx: _RequestContext, cleaned: list[str]):
         finally:
             cleaned.append("generator")
 
-    return _GuardedStream(body(), ctx, lambda: cleaned.append("abandoned"), media_type="text/event-stream")
+    return GuardedStream(body(), ctx, lambda: cleaned.append("abandoned"))
 
 
 async def _receive():

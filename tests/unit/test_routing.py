@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.routing import load_bound, prompt_prefix, rank, ring_order, route_key
+from orchestrator.routing.policy import load_bound, prompt_prefix, rank, ring_order, route_key
 
 R = ["r1", "r2", "r3"]
 
@@ -115,7 +115,7 @@ def test_route_key_by_policy():
 
 
 def test_in_flight_view_counts_routed_until_finished():
-    from orchestrator.routing import InFlight
+    from orchestrator.routing.policy import InFlight
 
     view = InFlight()
     view.routed("a", "r1")
@@ -140,7 +140,7 @@ def test_in_flight_view_counts_routed_until_finished():
 
 
 def test_a_request_finished_before_it_was_routed_is_not_counted_later():
-    from orchestrator.routing import InFlight
+    from orchestrator.routing.policy import InFlight
 
     view = InFlight()
     view.finished("gone")  # the client left while its request waited for a replica

@@ -6,8 +6,9 @@ import types
 import pytest
 from ray.serve.config import AutoscalingContext
 
-from orchestrator.app import build_app, deployment_name, replica_options
+from orchestrator.app import build_app, replica_options
 from orchestrator.autoscaling.serve_policy import QueueDepthPolicy
+from orchestrator.names import deployment_name
 from orchestrator.spec import ModelSpec, parse_fleet
 
 
@@ -25,7 +26,7 @@ def test_replica_options_carry_the_policy_router_and_drain_timeout():
     assert auto["policy"]["policy_kwargs"]["limits"]["target_queue_depth"] == 6
     assert auto["upscale_delay_s"] == auto["downscale_delay_s"] == 0  # the policy owns the delays
     router = opts["request_router_config"]
-    assert router["request_router_class"] == "orchestrator.serve_router:SlmRequestRouter"
+    assert router["request_router_class"] == "orchestrator.routing.serve_router:SlmRequestRouter"
     assert router["request_router_kwargs"] == {"model": "m", "policy": "session", "load_factor": 1.5}
     assert opts["graceful_shutdown_timeout_s"] == 45
     assert "num_replicas" not in opts
@@ -113,7 +114,7 @@ def _fleet(**gateway):
 
 
 def test_serve_environment_fast_path_grpc_cap_and_lean_local_ray():
-    from orchestrator.cli import serve_environment
+    from orchestrator.runtime_env import serve_environment
 
     env = serve_environment(_fleet(), {})
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"

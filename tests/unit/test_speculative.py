@@ -192,7 +192,7 @@ def test_slm_serve_preflight_refuses_a_draft_with_another_tokenizer(tiny, other_
     data = {"models": [{"name": "ok", "source": str(tiny), "speculative": {"draft": {"derive_layers": 1}}},
                        {"name": "bad", "source": str(tiny), "speculative": {"draft": str(other_vocab)}}]}
     with pytest.raises(FleetValidationError) as e:
-        cli._resolve_sources(parse_fleet(data), "fleet.yaml")
+        cli.resolve_sources(parse_fleet(data), "fleet.yaml")
     text = str(e.value)
     assert "fleet.yaml: models[1].speculative.draft: the draft's tokenizer differs from the target's" in text
     assert "models[0]" not in text

@@ -176,7 +176,7 @@ def test_the_cause_is_read_from_stdout_and_stderr_logs(tmp_path):
     (990.0, 30.0, 0, True),  # an older failure and nothing started for a while: Serve gave up
 ])
 def test_when_a_start_failure_ends_a_held_request(failure_at, waited, starting, applies):
-    from orchestrator.gateway.app import start_failure_applies
+    from orchestrator.gateway.relay import start_failure_applies
 
     failure = None if failure_at is None else {"error": "ValueError: x", "at": failure_at}
     assert start_failure_applies(failure, 1000.0, waited, starting) is applies

@@ -9,7 +9,7 @@ import secrets
 import pytest
 
 from orchestrator import wire
-from orchestrator.engine.server import send_direct
+from orchestrator.engine.streaming import send_direct
 
 
 def run(coro):

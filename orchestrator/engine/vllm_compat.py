@@ -1,0 +1,253 @@
+"""Every use of vLLM's internals, in one file.
+
+The project pins vLLM (pyproject.toml); what the model replica needs beyond vLLM's public
+engine API is here, so a version bump is checked against this file alone:
+
+* starting an ``AsyncLLM`` the way vLLM's OpenAI server does, with a stat logger of ours;
+* vLLM's OpenAI serving layer, built by its server's ``init_app_state``, and its request
+  models (whose module paths move between versions);
+* its error responses (``ErrorResponse``, ``create_error_response``);
+* a context-length check wrapped around the serving layer's request rendering (it uses
+  the private ``_extract_prompt_len``);
+* the structured-output grammar compiler (xgrammar), to refuse a schema it cannot compile
+  before the engine fails on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import re
+from typing import Any
+
+from orchestrator import errors
+
+
+async def start_engine(engine_args, record_stats, placement_group=None):
+    """vLLM's ``AsyncLLM`` for ``engine_args``, as its OpenAI server starts it; ``record_stats``
+    gets each step's scheduler stats; ``placement_group``: a GPU replica's, for tensor
+    parallelism over Ray."""
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.executor.abstract import Executor
+
+    def create():
+        config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        if placement_group is not None:
+            config.parallel_config.placement_group = placement_group
+        return config
+
+    config = await asyncio.to_thread(create)
+    return AsyncLLM(
+        vllm_config=config,
+        executor_class=Executor.get_class(config),
+        log_requests=False,
+        log_stats=not engine_args.disable_log_stats,
+        stat_loggers=[stat_logger_factory(record_stats)],
+    )
+
+
+def stat_logger_factory(record_stats):
+    """A vLLM stat-logger factory whose loggers pass each step's scheduler stats to ``record_stats``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            record_stats(scheduler_stats)
+
+        def log_engine_initialized(self):
+            pass
+
+    return LoadLogger
+
+
+async def init_serving(engine, engine_args, frontend_args) -> dict[str, Any]:
+    """vLLM's OpenAI serving objects for ``engine``, built as its server builds them:
+    ``{"chat", "completions", "embeddings"}`` (None where the model does not do that task)."""
+    from starlette.datastructures import State
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+    state = State()
+    ns = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
+    supported = await engine.get_supported_tasks()
+    await init_app_state(engine, state, ns, supported_tasks=supported)
+    chat = getattr(state, "openai_serving_chat", None)
+    completion = getattr(state, "openai_serving_completion", None)
+    for serving in (chat, completion):
+        if serving is not None:
+            enforce_context_limit(serving)
+    return {"chat": chat, "completions": completion, "embeddings": getattr(state, "serving_embedding", None)}
+
+
+async def run(serving, endpoint: str, request):
+    """Submit a parsed request to its serving object: vLLM's response, error or generator."""
+    try:
+        if endpoint == "chat":
+            return await serving.create_chat_completion(request, None)
+        if endpoint == "completions":
+            return await serving.create_completion(request, None)
+        return await serving(request, None)
+    except errors.OrchestratorError:
+        raise
+    except Exception as e:  # noqa: BLE001 - vLLM raises plain exceptions for bad input
+        return error_response(e)
+
+
+def error_response(exc: BaseException | str, param: str | None = None):
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    return create_error_response(exc, param=param) if param else create_error_response(exc)
+
+
+def is_error(result: Any) -> bool:
+    """Whether a serving call's result is vLLM's ``ErrorResponse``."""
+    return type(result).__name__ == "ErrorResponse"
+
+
+def parse_request(endpoint: str, payload: dict[str, Any]):
+    """vLLM's request model for a JSON object the gateway already decoded; 400 naming the
+    field for what vLLM's models refuse."""
+    from pydantic import TypeAdapter, ValidationError
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        if endpoint == "chat":
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+            return ChatCompletionRequest.model_validate(payload)
+        if endpoint == "completions":
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+            return CompletionRequest.model_validate(payload)
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+        return TypeAdapter(EmbeddingRequest).validate_python(payload)
+    except ValidationError as e:
+        raise _pydantic_error(e) from e
+    except VLLMClientError as e:  # vLLM's own validators (e.g. top_logprobs without logprobs)
+        message = e.args[0] if e.args else str(e)
+        raise errors.InvalidRequest(f"Invalid request: {message}", param=getattr(e, "parameter", None)) from e
+    except (ValueError, TypeError) as e:
+        raise errors.InvalidRequest(f"Invalid request: {e}") from e
+
+
+def _pydantic_error(exc: Exception) -> errors.InvalidRequest:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "tagged-union"))]
+        # Unions report the member class as the first location part; drop it.
+        loc = [p for p in loc if not re.fullmatch(r"[A-Z]\w*Request", p)]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid value")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        where = f"'{param}': " if param else ""
+        return errors.InvalidRequest(f"Invalid request: {where}{msg}", param=param)
+    return errors.InvalidRequest(f"Invalid request: {exc}")
+
+
+@functools.lru_cache(maxsize=1)
+def _grammar_compiler():
+    """A grammar compiler over a tiny vocabulary: the grammar-level checks that can fail a
+    schema do not depend on the model's tokens, and a small vocabulary compiles fast."""
+    import xgrammar as xgr
+
+    vocab = [chr(c) for c in range(32, 127)] + ["<eos>"]
+    return xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1]), cache_enabled=True)
+
+
+def _compiler_reason(exc: BaseException) -> str:
+    """xgrammar's message without its timestamp and C++ source location."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)[:300]
+
+
+def structured_output(request) -> tuple[str, Any, Any, Any] | None:
+    """(the field it came in, JSON schema, regex, grammar) of a request that constrains its
+    output to a grammar; None for most requests (cheap: no compiling here)."""
+    params = getattr(request, "structured_outputs", None)
+    fmt = getattr(request, "response_format", None)
+    if fmt is not None and getattr(fmt, "type", None) == "json_schema" and getattr(fmt, "json_schema", None):
+        return "response_format", fmt.json_schema.json_schema, None, None
+    if params is None:
+        return None
+    found = ("structured_outputs", getattr(params, "json", None), getattr(params, "regex", None),
+             getattr(params, "grammar", None))
+    return found if any(v is not None for v in found[1:]) else None
+
+
+def check_structured_output(found: tuple[str, Any, Any, Any]) -> None:
+    """400 naming the field when the grammar compiler rejects a request's JSON schema, regex
+    or grammar (``structured_output``'s result). vLLM's own validation accepts some schemas
+    its engine then cannot compile, and the request failed there with a 500."""
+    param, schema, regex, grammar = found
+    compiler = _grammar_compiler()
+    try:
+        if schema is not None:
+            compiler.compile_json_schema(schema if isinstance(schema, str) else _json(schema))
+        if regex is not None:
+            compiler.compile_regex(regex)
+        if grammar is not None:
+            compiler.compile_grammar(grammar)
+    except Exception as e:  # noqa: BLE001 - the compiler raises RuntimeError and ValueError
+        what = "JSON schema" if param == "response_format" else "grammar"
+        raise errors.InvalidRequest(f"The {what} in '{param}' cannot be compiled: {_compiler_reason(e)}",
+                                    param=param) from e
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def enforce_context_limit(serving) -> None:
+    """Refuse (400) prompts whose tokens plus the requested output exceed max_model_len.
+
+    vLLM quietly shortens ``max_tokens`` to fit; OpenAI answers such a request with a
+    400, and clients rely on that to notice truncation. The check runs on the prompt
+    vLLM has already rendered and tokenized, so nothing is tokenized twice.
+    """
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    max_model_len = serving.model_config.max_model_len
+    chat_render = getattr(serving, "render_chat_request", None)
+    completion_render = getattr(serving, "render_completion_request", None)
+
+    def check(request, engine_inputs) -> ErrorResponse | None:
+        requested = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+        if requested is None or getattr(request, "truncate_prompt_tokens", None) is not None:
+            return None
+        for engine_input in engine_inputs:
+            prompt_len = serving._extract_prompt_len(engine_input)
+            if prompt_len + requested > max_model_len:
+                return error_response(
+                    f"This model's maximum context length is {max_model_len} tokens. However, you "
+                    f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                    f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens",
+                )
+        return None
+
+    if chat_render is not None:
+        async def render_chat_request(request):
+            result = await chat_render(request)
+            if isinstance(result, ErrorResponse):
+                return result
+            return check(request, result[1]) or result
+
+        serving.render_chat_request = render_chat_request
+    elif completion_render is not None:
+        async def render_completion_request(request):
+            result = await completion_render(request)
+            if isinstance(result, ErrorResponse):
+                return result
+            return check(request, result) or result
+
+        serving.render_completion_request = render_completion_request

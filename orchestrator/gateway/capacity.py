@@ -1,0 +1,30 @@
+"""Admission control's capacity rule, for every front door: a quick 503 ``model_overloaded``
+while a model's queue is past ``max_queue_per_replica`` per running replica, so the requests
+already admitted keep a bounded latency.
+
+The bound is the model's ``limits.max_queue_per_replica``, else the gateway's (``bound``).
+What counts as the queue depends on where the request enters: the fleet's queue as the
+autoscaler last saw it, over the running replicas (the gateway, ``FleetView.queue_estimate``),
+or one replica's own engine queue (a fast lane).
+"""
+
+from __future__ import annotations
+
+from orchestrator import errors
+from orchestrator.spec import FleetSpec, ModelSpec
+
+
+def bound(fleet: FleetSpec, spec: ModelSpec) -> int | None:
+    """Requests a model may queue per running replica (None: no admission control)."""
+    own = spec.limits.max_queue_per_replica
+    return own if own is not None else fleet.gateway.limits.max_queue_per_replica
+
+
+def check(model: str, queue: float, replicas: int, limit: int | None, where: str = "") -> None:
+    """Raise 503 ``model_overloaded`` when ``queue`` is at ``limit`` x ``replicas`` (no running
+    replica: nothing to compare, the request waits for one instead)."""
+    if limit is None or replicas <= 0 or queue < limit * replicas:
+        return
+    what = f"{replicas} replicas" if replicas > 1 or not where else where
+    raise errors.Overloaded(f"The model '{model}' is at capacity ({queue:g} requests queued for {what}, "
+                            f"limit {limit} each); retry shortly")
