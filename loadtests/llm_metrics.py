@@ -1,13 +1,14 @@
 """Pure pieces of the Locust load test (``loadtests/locustfile.py``); no Locust import.
 
-* SSE parsing: :class:`SSEParser` turns the bytes of an OpenAI-style stream into :class:`SSEEvent` s and
-  :class:`StreamTrace` times them into TTFT / TPOT / ITL / tokens-per-second (:class:`StreamMetrics`).
+* Streams: :func:`decode_event` turns a server-sent event of an OpenAI-style stream (from ``loadtests.sse``)
+  into a :class:`StreamEvent` and :class:`StreamTrace` times them into TTFT / TPOT / ITL / tokens-per-second
+  (:class:`StreamMetrics`).
 * Prompts: :class:`PromptFactory` makes seeded prompts of plain English words, optionally behind one of a few
   long shared prefixes.
 * Load shapes: :func:`shape_at` gives the ``(users, spawn_rate)`` of a scenario at a point in time.
 * Models: :func:`load_fleet`, :func:`models_from_listing`, :func:`parse_weights` and :func:`build_catalog`.
-* SLO gate: :func:`summarize` folds Locust stats entries into a :class:`RunSummary`, :func:`evaluate_slos`
-  checks it against :class:`SLOTargets`.
+* SLO gate: :func:`run_summary` folds Locust stats entries into a :class:`RunSummary`, :func:`evaluate_slos`
+  checks it against :class:`SLOTargets` (percentiles by Locust's rule: ``loadtests.stats``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any, Literal, Protocol
 
 import yaml
 
+from loadtests.sse import ServerSentEvent
+from loadtests.stats import histogram_percentile
+
 LLM = "LLM"
 """``request_type`` of the metric entries (TTFT, TPOT, ITL, tokens/s) in Locust's stats."""
 TASKS = ("generate", "embed")
@@ -34,12 +38,12 @@ class ConfigError(ValueError):
     """A bad fleet file, model listing or option value; the message names the source and the field."""
 
 
-# --------------------------------------------------------------------------- SSE
+# --------------------------------------------------------------------------- stream events
 
 
 @dataclass(frozen=True)
-class SSEEvent:
-    """One server-sent event of an OpenAI-compatible stream.
+class StreamEvent:
+    """One server-sent event of an OpenAI-compatible stream, decoded.
 
     ``kind`` is "chunk" (a JSON chunk: ``text`` is the generated text in it, ``completion_tokens`` comes from a
     usage chunk), "done" (``data: [DONE]``) or "error" (an ``{"error": ...}`` chunk, ``event: error`` or data
@@ -70,65 +74,26 @@ def _error_message(error: Any) -> str:
     return str(error)
 
 
-def decode_event(data: str, event_type: str = "") -> SSEEvent:
-    """The :class:`SSEEvent` of one event's ``data`` (and ``event:`` type, if any)."""
+def decode_event(sse: ServerSentEvent) -> StreamEvent:
+    """The :class:`StreamEvent` of one server-sent event (its data, and its ``event:`` type)."""
+    data = sse.data
     if data.strip() == "[DONE]":
-        return SSEEvent("done")
+        return StreamEvent("done")
     try:
         payload = json.loads(data)
     except ValueError:
-        return SSEEvent("error", error=f"undecodable SSE data: {data[:200]!r}")
+        return StreamEvent("error", error=f"undecodable SSE data: {data[:200]!r}")
     if not isinstance(payload, dict):
-        return SSEEvent("error", error=f"SSE data is not a JSON object: {data[:200]!r}")
+        return StreamEvent("error", error=f"SSE data is not a JSON object: {data[:200]!r}")
     if "error" in payload:
-        return SSEEvent("error", error=_error_message(payload["error"]))
-    if event_type == "error" or payload.get("object") == "error":
-        return SSEEvent("error", error=_error_message(payload))
+        return StreamEvent("error", error=_error_message(payload["error"]))
+    if sse.event == "error" or payload.get("object") == "error":
+        return StreamEvent("error", error=_error_message(payload))
     choices = payload.get("choices")
     text = "".join(_chunk_text(c) for c in choices) if isinstance(choices, list) else ""
     usage = payload.get("usage")
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return SSEEvent("chunk", text=text, completion_tokens=tokens if isinstance(tokens, int) else None)
-
-
-class SSEParser:
-    """Incremental SSE decoder: feed it bytes (whole lines or arbitrary pieces), get the completed events.
-
-    Follows the SSE rules that matter here: lines end in LF or CRLF, ``data:`` lines (one optional space after
-    the colon) accumulate until a blank line dispatches the event, ``event:`` sets its type, comments
-    (``:...``) and other fields are ignored. :meth:`close` dispatches an event left unterminated at the end.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self._type = ""
-
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        events = (self._line(line.rstrip(b"\r").decode("utf-8", errors="replace")) for line in lines)
-        return [e for e in events if e is not None]
-
-    def close(self) -> list[SSEEvent]:
-        tail = self.feed(b"\n") if self._buffer else []
-        last = self._dispatch()
-        return tail + ([last] if last else [])
-
-    def _line(self, line: str) -> SSEEvent | None:
-        if not line:
-            return self._dispatch()
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._type = value
-        return None
-
-    def _dispatch(self) -> SSEEvent | None:
-        data, kind, self._data, self._type = "\n".join(self._data), self._type, [], ""
-        return decode_event(data, kind) if data else None
+    return StreamEvent("chunk", text=text, completion_tokens=tokens if isinstance(tokens, int) else None)
 
 
 # --------------------------------------------------------------------------- stream timing
@@ -155,7 +120,7 @@ class StreamTrace:
     done: bool = False
     error: str | None = None
 
-    def add(self, event: SSEEvent, at: float) -> None:
+    def add(self, event: StreamEvent, at: float) -> None:
         if event.kind == "done":
             self.done = True
         elif event.kind == "error":
@@ -310,13 +275,19 @@ class ModelInfo:
     task: str
 
 
-def _model(entry: dict[str, Any], name_field: str, where: str) -> ModelInfo:
-    name, task = entry.get(name_field), entry.get("task", "generate")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{where}.{name_field} must be a non-empty string, got {name!r}")
-    if task not in TASKS:
-        raise ConfigError(f"{where}.task must be 'generate' or 'embed', got {task!r}")
-    return ModelInfo(name, task)
+def _models(entries: list[Any], name_field: str, where: str, kind: str) -> list[ModelInfo]:
+    """The models of a fleet file's or a listing's entries; ``where``, e.g. "fleet.yaml: models", names them."""
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}[{i}] must be {kind}, got {entry!r}")
+        name, task = entry.get(name_field), entry.get("task", "generate")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}[{i}].{name_field} must be a non-empty string, got {name!r}")
+        if task not in TASKS:
+            raise ConfigError(f"{where}[{i}].task must be 'generate' or 'embed', got {task!r}")
+        out.append(ModelInfo(name, task))
+    return out
 
 
 def load_fleet(path: str | Path) -> list[ModelInfo]:
@@ -330,11 +301,7 @@ def load_fleet(path: str | Path) -> list[ModelInfo]:
     models = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{path}: 'models' must be a non-empty list")
-    out = []
-    for i, m in enumerate(models):
-        if not isinstance(m, dict):
-            raise ConfigError(f"{path}: models[{i}] must be a mapping, got {m!r}")
-        out.append(_model(m, "name", f"{path}: models[{i}]"))
+    out = _models(models, "name", f"{path}: models", "a mapping")
     dupes = sorted(n for n, c in Counter(m.name for m in out).items() if c > 1)
     if dupes:
         raise ConfigError(f"{path}: duplicate model names: {', '.join(dupes)}")
@@ -346,12 +313,7 @@ def models_from_listing(payload: Any, source: str = "GET /v1/models") -> list[Mo
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         raise ConfigError(f"{source}: 'data' must be a list, got {payload!r:.200}")
-    out = []
-    for i, m in enumerate(data):
-        if not isinstance(m, dict):
-            raise ConfigError(f"{source}: data[{i}] must be an object, got {m!r}")
-        out.append(_model(m, "id", f"{source}: data[{i}]"))
-    return out
+    return _models(data, "id", f"{source}: data", "an object")
 
 
 def parse_weights(text: str | None) -> dict[str, float]:
@@ -411,7 +373,7 @@ def build_catalog(models: Sequence[ModelInfo], weights: Mapping[str, float], sou
 
 
 class StatsEntryLike(Protocol):
-    """The fields of ``locust.stats.StatsEntry`` that :func:`summarize` reads."""
+    """The fields of ``locust.stats.StatsEntry`` that :func:`run_summary` reads."""
 
     name: str
     method: str | None
@@ -419,20 +381,6 @@ class StatsEntryLike(Protocol):
     num_failures: int
     total_content_length: int
     response_times: Mapping[int, int]
-
-
-def percentile(histogram: Mapping[int, int], q: float) -> float | None:
-    """The ``q`` (0..1) percentile of a ``{value: count}`` histogram, computed as Locust does; None if empty."""
-    total = sum(histogram.values())
-    if not total:
-        return None
-    allowed_above = int(total * q)
-    seen = 0
-    for value in sorted(histogram, reverse=True):
-        seen += histogram[value]
-        if total - seen <= allowed_above:
-            break
-    return value
 
 
 @dataclass(frozen=True)
@@ -448,7 +396,7 @@ class RunSummary:
     duration_s: float
 
 
-def summarize(entries: Iterable[StatsEntryLike], duration_s: float) -> RunSummary:
+def run_summary(entries: Iterable[StatsEntryLike], duration_s: float) -> RunSummary:
     """Fold Locust stats entries: ``TTFT <model>`` / ``TPOT <model>`` histograms merge across models,
     request counts come from the non-LLM (HTTP) entries, tokens from the ``tokens/s <model>`` entries."""
     ttft: Counter[int] = Counter()
@@ -502,8 +450,8 @@ def evaluate_slos(summary: RunSummary, targets: SLOTargets) -> list[SLOResult]:
         if limit is not None:
             results.append(SLOResult(name, value, "<=", limit, value is not None and value <= limit, fmt))
 
-    upper("ttft_p95_ms", percentile(summary.ttft_ms, 0.95), targets.ttft_p95_ms)
-    upper("tpot_p95_ms", percentile(summary.tpot_ms, 0.95), targets.tpot_p95_ms)
+    upper("ttft_p95_ms", histogram_percentile(summary.ttft_ms, 0.95), targets.ttft_p95_ms)
+    upper("tpot_p95_ms", histogram_percentile(summary.tpot_ms, 0.95), targets.tpot_p95_ms)
     ratio = summary.failures / summary.requests if summary.requests else None
     upper("fail_ratio", ratio, targets.fail_ratio, ".4f")
     if targets.min_tokens_per_s is not None:

@@ -79,11 +79,23 @@ import sys
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gevent
 import requests
-from llm_metrics import (
+from locust import FastHttpUser, LoadTestShape, constant, events, tag, task
+from locust.argument_parser import LocustArgumentParser
+from locust.contrib.fasthttp import FAILURE_EXCEPTIONS, ResponseContextManager
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+# Locust puts this file's folder and the working directory on sys.path; the loadtests package needs
+# the repository's root, which the working directory need not be. (Appended: Locust removes the
+# first entry after the import, taking it for its own.)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from loadtests.llm_metrics import (  # noqa: E402
     LLM,
     SCENARIOS,
     Catalog,
@@ -91,24 +103,20 @@ from llm_metrics import (
     Prompt,
     PromptFactory,
     SLOTargets,
-    SSEParser,
     StreamTrace,
     build_catalog,
     check_response,
     check_scenario,
+    decode_event,
     evaluate_slos,
     load_fleet,
     models_from_listing,
     parse_weights,
+    run_summary,
     shape_at,
-    summarize,
     user_rng,
 )
-from locust import FastHttpUser, LoadTestShape, constant, events, tag, task
-from locust.argument_parser import LocustArgumentParser
-from locust.contrib.fasthttp import FAILURE_EXCEPTIONS, ResponseContextManager
-from locust.env import Environment
-from locust.runners import WorkerRunner
+from loadtests.sse import SSEParser  # noqa: E402
 
 logger = logging.getLogger("loadtests.locustfile")
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
@@ -227,9 +235,9 @@ def _read_sse(response: ResponseContextManager, trace: StreamTrace) -> int:
         size += len(line)
         now = time.perf_counter()
         for event in parser.feed(line):
-            trace.add(event, now)
+            trace.add(decode_event(event), now)
     for event in parser.close():
-        trace.add(event, time.perf_counter())
+        trace.add(decode_event(event), time.perf_counter())
     return size
 
 
@@ -243,18 +251,17 @@ class LLMUser(FastHttpUser):
     def on_start(self) -> None:
         self.rng = user_rng(self.environment.parsed_options.seed, next(RUN.user_ids))
 
-    def _pick(self, task_kind: str) -> str | None:
+    def _next(self, task_kind: str) -> tuple[str, Prompt, dict[str, str]] | None:
+        """A model for ``task_kind``, a prompt and the request's headers; None if there is no model."""
         model = RUN.catalog.pick(task_kind, self.rng) if RUN.catalog else None
         if model is None:
             gevent.sleep(1)  # nothing to load: don't spin
-        return model
-
-    def _prompt(self) -> tuple[Prompt, dict[str, str]]:
+            return None
         prompt = RUN.prompts.make(self.rng)
         headers = _auth(self.environment)
         if prompt.group is not None:
             headers["x-session-id"] = f"group-{prompt.group}"
-        return prompt, headers
+        return model, prompt, headers
 
     def _record(self, name: str, value: float, length: int = 0) -> None:
         self.environment.events.request.fire(request_type=LLM, name=name, response_time=value,
@@ -278,10 +285,9 @@ class LLMUser(FastHttpUser):
     @tag("stream")
     @task
     def chat_stream(self) -> None:
-        model = self._pick("generate")
-        if model is None:
+        if (picked := self._next("generate")) is None:
             return
-        prompt, headers = self._prompt()
+        model, prompt, headers = picked
         body = {"model": model, "messages": [{"role": "user", "content": prompt.text}], "stream": True,
                 "stream_options": {"include_usage": True}, **RUN.params}
         trace = StreamTrace(start=time.perf_counter())
@@ -316,30 +322,24 @@ class LLMUser(FastHttpUser):
     @tag("chat")
     @task
     def chat(self) -> None:
-        model = self._pick("generate")
-        if model is None:
-            return
-        prompt, headers = self._prompt()
-        body = {"model": model, "messages": [{"role": "user", "content": prompt.text}], **RUN.params}
-        self._post(CHAT, model, body, headers, "choices")
+        if picked := self._next("generate"):
+            model, prompt, headers = picked
+            body = {"model": model, "messages": [{"role": "user", "content": prompt.text}], **RUN.params}
+            self._post(CHAT, model, body, headers, "choices")
 
     @tag("completions")
     @task
     def completions(self) -> None:
-        model = self._pick("generate")
-        if model is None:
-            return
-        prompt, headers = self._prompt()
-        self._post(COMPLETIONS, model, {"model": model, "prompt": prompt.text, **RUN.params}, headers, "choices")
+        if picked := self._next("generate"):
+            model, prompt, headers = picked
+            self._post(COMPLETIONS, model, {"model": model, "prompt": prompt.text, **RUN.params}, headers, "choices")
 
     @tag("embeddings")
     @task
     def embeddings(self) -> None:
-        model = self._pick("embed")
-        if model is None:
-            return
-        prompt, headers = self._prompt()
-        self._post(EMBEDDINGS, model, {"model": model, "input": prompt.text}, headers, "data")
+        if picked := self._next("embed"):
+            model, prompt, headers = picked
+            self._post(EMBEDDINGS, model, {"model": model, "input": prompt.text}, headers, "data")
 
 
 @events.quitting.add_listener
@@ -352,7 +352,7 @@ def _slo_gate(environment: Environment, **_: Any) -> None:
     total = environment.stats.total
     started = total.start_time + (o.cold_start_wait if o.scenario == "cold-start" else 0.0)
     duration = (total.last_request_timestamp or started) - started
-    results = evaluate_slos(summarize(environment.stats.entries.values(), duration), targets)
+    results = evaluate_slos(run_summary(environment.stats.entries.values(), duration), targets)
     for result in results:
         print(result.line(), flush=True)
     if not all(r.ok for r in results):

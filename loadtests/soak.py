@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import openai
 
 from loadtests.stack import serve
+from loadtests.stats import percentile
 
 GEN, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"
 KINDS = ["stream-chat", "chat", "completions", "embeddings"]
@@ -127,7 +127,8 @@ async def _run(url: str, minutes: float, concurrency: int) -> dict:
     replaced = sorted(set(replicas_before) ^ set(_processes("ray::ServeReplica:slm:")))
 
     def pct(xs: list[float], q: float) -> float | None:
-        return round(statistics.quantiles(xs, n=100)[q - 1], 3) if len(xs) >= 2 else None
+        value = percentile(xs, q)
+        return None if value is None else round(value, 3)
 
     kinds = {"gateway", "proxy"}
     return {

@@ -17,6 +17,8 @@ from openai_schema import check, check_error
 from prometheus_client.parser import text_string_to_metric_families
 from sse import sse_lines
 
+from loadtests.sse import parse_sse
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
@@ -27,15 +29,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def sse_events(text: str) -> list[str]:
-    """The `data:` payloads of an SSE body, in order; asserts the framing is right."""
+    """The `data:` payloads of an SSE body, in order; asserts the framing is right: every event
+    ends with a blank line and starts with `data: ` (or is a comment, a keep-alive)."""
     assert text.endswith("\n\n"), "every SSE event ends with a blank line"
-    events = []
     for block in text.strip("\n").split("\n\n"):
-        if block.startswith(":"):
-            continue  # a comment (keep-alive)
-        assert block.startswith("data: "), block
-        events.append(block[len("data: "):])
-    return events
+        assert block.startswith((":", "data: ")), block
+    return [event.data for event in parse_sse(text.encode())]
 
 
 def metric_samples(http, name: str) -> list:

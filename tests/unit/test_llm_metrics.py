@@ -18,29 +18,30 @@ from loadtests.llm_metrics import (
     PromptFactory,
     RunSummary,
     SLOTargets,
-    SSEEvent,
-    SSEParser,
+    StreamEvent,
     StreamTrace,
     build_catalog,
     check_response,
     check_scenario,
+    decode_event,
     evaluate_slos,
     load_fleet,
     models_from_listing,
     parse_weights,
-    percentile,
+    run_summary,
     shape_at,
-    summarize,
     user_rng,
 )
+from loadtests.sse import SSEParser
+from loadtests.stats import histogram_percentile
 
 CHUNK = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n'
 
 
-def parse(*pieces: bytes) -> list[SSEEvent]:
+def parse(*pieces: bytes) -> list[StreamEvent]:
     parser = SSEParser()
     events = [e for piece in pieces for e in parser.feed(piece)]
-    return events + parser.close()
+    return [decode_event(e) for e in events + parser.close()]
 
 
 # --------------------------------------------------------------------------- SSE
@@ -51,8 +52,8 @@ def test_sse_chat_stream_with_usage_and_done() -> None:
                    CHUNK, b"\n",
                    b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}\n', b"\n",
                    b"data: [DONE]\n", b"\n")
-    assert events == [SSEEvent("chunk"), SSEEvent("chunk", text="Hi"), SSEEvent("chunk", completion_tokens=7),
-                      SSEEvent("done")]
+    assert events == [StreamEvent("chunk"), StreamEvent("chunk", text="Hi"), StreamEvent("chunk", completion_tokens=7),
+                      StreamEvent("done")]
 
 
 def test_sse_completions_text_and_reasoning_deltas_count_as_text() -> None:
@@ -65,7 +66,7 @@ def test_sse_completions_text_and_reasoning_deltas_count_as_text() -> None:
 def test_sse_lines_split_anywhere_and_crlf() -> None:
     whole = b'data: {"choices": [{"delta": {"content": "A"}}]}\r\n\r\ndata: [DONE]\r\n\r\n'
     pieces = [whole[i:i + 5] for i in range(0, len(whole), 5)]
-    assert parse(*pieces) == [SSEEvent("chunk", text="A"), SSEEvent("done")]
+    assert parse(*pieces) == [StreamEvent("chunk", text="A"), StreamEvent("done")]
 
 
 def test_sse_odd_lines() -> None:
@@ -73,11 +74,11 @@ def test_sse_odd_lines() -> None:
                    b"id: 3\nretry: 100\n\n",  # fields without data dispatch nothing
                    b'data:{"choices": [{"delta": {"content": "no space"}}]}\n\n',
                    b"data: [DONE]")  # unterminated at the end of the stream
-    assert events == [SSEEvent("chunk", text="no space"), SSEEvent("done")]
+    assert events == [StreamEvent("chunk", text="no space"), StreamEvent("done")]
 
 
 def test_sse_multiline_data_is_joined() -> None:
-    assert parse(b'data: {"choices":\ndata: [{"delta": {"content": "j"}}]}\n\n') == [SSEEvent("chunk", text="j")]
+    assert parse(b'data: {"choices":\ndata: [{"delta": {"content": "j"}}]}\n\n') == [StreamEvent("chunk", text="j")]
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -94,7 +95,7 @@ def test_sse_error_events(raw: bytes, message: str) -> None:
 
 
 def test_sse_chunk_without_choices_or_with_bad_usage() -> None:
-    assert parse(b'data: {"usage": {"completion_tokens": "7"}}\n\n') == [SSEEvent("chunk")]
+    assert parse(b'data: {"usage": {"completion_tokens": "7"}}\n\n') == [StreamEvent("chunk")]
 
 
 # --------------------------------------------------------------------------- stream timing
@@ -102,11 +103,11 @@ def test_sse_chunk_without_choices_or_with_bad_usage() -> None:
 
 def test_stream_trace_metrics_from_usage() -> None:
     trace = StreamTrace(start=10.0)
-    trace.add(SSEEvent("chunk"), 10.05)  # role only: not a token
+    trace.add(StreamEvent("chunk"), 10.05)  # role only: not a token
     for i, at in enumerate([10.2, 10.25, 10.3, 10.4]):
-        trace.add(SSEEvent("chunk", text=f"t{i}"), at)
-    trace.add(SSEEvent("chunk", completion_tokens=7), 10.41)  # 7 tokens in 4 chunks
-    trace.add(SSEEvent("done"), 10.42)
+        trace.add(StreamEvent("chunk", text=f"t{i}"), at)
+    trace.add(StreamEvent("chunk", completion_tokens=7), 10.41)  # 7 tokens in 4 chunks
+    trace.add(StreamEvent("done"), 10.42)
     m = trace.metrics(end=10.5)
     assert trace.problem() is None
     assert m.ttft_ms == pytest.approx(200)
@@ -118,14 +119,14 @@ def test_stream_trace_metrics_from_usage() -> None:
 def test_stream_trace_counts_chunks_without_usage() -> None:
     trace = StreamTrace(start=0.0)
     for at in (1.0, 1.5, 2.0):
-        trace.add(SSEEvent("chunk", text="w"), at)
+        trace.add(StreamEvent("chunk", text="w"), at)
     m = trace.metrics(end=3.0)
     assert m.output_tokens == 3 and m.tpot_ms == pytest.approx(500) and m.tokens_per_s == pytest.approx(1)
 
 
 def test_stream_trace_one_or_no_token() -> None:
     one = StreamTrace(start=0.0)
-    one.add(SSEEvent("chunk", text="w"), 0.1)
+    one.add(StreamEvent("chunk", text="w"), 0.1)
     assert one.metrics(0.2).tpot_ms is None and one.metrics(0.2).itl_ms == []
     empty = StreamTrace(start=0.0).metrics(0.0)
     assert (empty.ttft_ms, empty.tpot_ms, empty.output_tokens, empty.tokens_per_s) == (None, None, 0, None)
@@ -134,9 +135,9 @@ def test_stream_trace_one_or_no_token() -> None:
 def test_stream_trace_problems() -> None:
     trace = StreamTrace(start=0.0)
     assert trace.problem() == "stream ended without data: [DONE]"
-    trace.add(SSEEvent("error", error="first"), 1.0)
-    trace.add(SSEEvent("error", error="second"), 1.1)
-    trace.add(SSEEvent("done"), 1.2)
+    trace.add(StreamEvent("error", error="first"), 1.0)
+    trace.add(StreamEvent("error", error="second"), 1.1)
+    trace.add(StreamEvent("done"), 1.2)
     assert trace.problem() == "error event: first"
 
 
@@ -327,9 +328,9 @@ class Entry:
 
 
 def test_percentile_matches_locust() -> None:
-    assert percentile({}, 0.95) is None
-    assert percentile({100: 96, 900: 4}, 0.95) == 100
-    assert percentile({100: 95, 900: 5}, 0.95) == 900
+    assert histogram_percentile({}, 0.95) is None
+    assert histogram_percentile({100: 96, 900: 4}, 0.95) == 100
+    assert histogram_percentile({100: 95, 900: 5}, 0.95) == 900
     rng = random.Random(0)
     cases = [({rng.randrange(1, 500): rng.randrange(1, 50) for _ in range(rng.randrange(1, 20))}, q)
              for q in (0.5, 0.9, 0.95, 0.99) for _ in range(10)]
@@ -339,7 +340,7 @@ def test_percentile_matches_locust() -> None:
               "for h, q in json.load(sys.stdin)]))")
     out = subprocess.run([sys.executable, "-c", script], input=json.dumps(cases), capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    assert [percentile(h, q) for h, q in cases] == json.loads(out)
+    assert [histogram_percentile(h, q) for h, q in cases] == json.loads(out)
 
 
 def entries() -> list[Entry]:
@@ -357,14 +358,14 @@ def entries() -> list[Entry]:
 
 
 def test_summarize_merges_models_and_counts_http_requests_only() -> None:
-    s = summarize(entries(), duration_s=50)
+    s = run_summary(entries(), duration_s=50)
     assert s == RunSummary({100: 90, 900: 10}, {20: 100}, requests=200, failures=2, output_tokens=10000,
                            duration_s=50)
 
 
 def test_slos_pass() -> None:
     targets = SLOTargets(ttft_p95_ms=900, tpot_p95_ms=25, fail_ratio=0.01, min_tokens_per_s=200)
-    results = evaluate_slos(summarize(entries(), 50), targets)
+    results = evaluate_slos(run_summary(entries(), 50), targets)
     assert [r.line() for r in results] == ["SLO ttft_p95_ms: 900.0 <= 900 OK", "SLO tpot_p95_ms: 20.0 <= 25 OK",
                                            "SLO fail_ratio: 0.0100 <= 0.01 OK", "SLO tokens_per_s: 200.0 >= 200 OK"]
     assert all(r.ok for r in results)
@@ -372,7 +373,7 @@ def test_slos_pass() -> None:
 
 def test_slos_missed() -> None:
     targets = SLOTargets(ttft_p95_ms=500, tpot_p95_ms=19.5, fail_ratio=0.005, min_tokens_per_s=201)
-    results = evaluate_slos(summarize(entries(), 50), targets)
+    results = evaluate_slos(run_summary(entries(), 50), targets)
     assert [r.line() for r in results] == ["SLO ttft_p95_ms: 900.0 <= 500 MISSED",
                                            "SLO tpot_p95_ms: 20.0 <= 19.5 MISSED",
                                            "SLO fail_ratio: 0.0100 <= 0.005 MISSED",
@@ -380,7 +381,7 @@ def test_slos_missed() -> None:
 
 
 def test_slos_without_samples_are_missed_and_unset_ones_skipped() -> None:
-    empty = summarize([], duration_s=0)
+    empty = run_summary([], duration_s=0)
     assert [r.line() for r in evaluate_slos(empty, SLOTargets(ttft_p95_ms=1, fail_ratio=1, min_tokens_per_s=0))] \
         == ["SLO ttft_p95_ms: n/a <= 1 MISSED", "SLO fail_ratio: n/a <= 1 MISSED", "SLO tokens_per_s: 0.0 >= 0 OK"]
     assert evaluate_slos(empty, SLOTargets()) == [] and not SLOTargets().any()
