@@ -15,6 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_REFLECTED_CHARS = 200
+
+
+def clip(value: object, limit: int = MAX_REFLECTED_CHARS) -> str:
+    """A client-supplied value as it may appear in an error message: cut to ``limit``
+    characters (a 1 MB model name must not come back whole in a 404)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class OrchestratorError(Exception):
     """Base class. ``status``, ``type`` and ``code`` become the HTTP answer."""
@@ -75,7 +84,7 @@ class UnknownModel(OrchestratorError):
     code = "model_not_found"
 
     def __init__(self, model: str):
-        super().__init__(f"The model '{model}' does not exist", param="model")
+        super().__init__(f"The model '{clip(model)}' does not exist", param="model")
 
 
 class NotFound(OrchestratorError):

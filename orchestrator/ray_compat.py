@@ -36,6 +36,10 @@ DRAINING_PERIOD_VAR = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 HAPROXY_PATH_VARS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
                      "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Serve's hook for HTTP middlewares (applied around its own, on every proxy and direct
+# ingress): the gateway's request-id bound (orchestrator.gateway.http.BoundRequestId).
+HTTP_MIDDLEWARES_VAR = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+HTTP_MIDDLEWARES = "orchestrator.gateway.http:serve_middlewares"
 # Ray's own observability: system metrics (Serve records several per request), per-call
 # task events reported to the GCS (`ray list tasks`), and per-handler event-loop statistics.
 LEAN_RAY_ENV = {"RAY_enable_metrics_collection": "0", "RAY_task_events_report_interval_ms": "0",

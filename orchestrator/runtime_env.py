@@ -26,7 +26,8 @@ def fast_path_on(environ: Mapping[str, str]) -> bool:
 def serve_environment(fleet: FleetSpec, environ: Mapping[str, str]) -> dict[str, str]:
     """The environment `slm serve` adds before Ray starts (so every Ray process sees it);
     a variable already in ``environ`` keeps its value."""
-    wanted = {ray_compat.HTTP_KEEP_ALIVE_VAR: str(HTTP_KEEP_ALIVE_S)}
+    wanted = {ray_compat.HTTP_KEEP_ALIVE_VAR: str(HTTP_KEEP_ALIVE_S),
+              ray_compat.HTTP_MIDDLEWARES_VAR: ray_compat.HTTP_MIDDLEWARES}
     local = not environ.get("RAY_ADDRESS")
     if fast_path_on(environ):
         wanted.update(ray_compat.SERVE_FAST_PATH_ENV)

@@ -180,12 +180,7 @@ class Relay:
             response = self.handles[spec.name].call.remote(endpoint, payload, route_key=key, track=track)
             task = asyncio.ensure_future(response)
             try:
-                status, answer = await self._await_held(task, spec, started)
-                if attempt == 1 and status == 503 and b'"engine_unavailable"' in answer:
-                    log.warning("model %s: engine dead before answering; retrying once", spec.name)
-                    self.metrics.retries.labels(spec.name).inc()
-                    continue
-                return status, answer
+                return await self._await_held(task, spec, started)
             except errors.OrchestratorError:
                 raise
             except Exception as e:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from orchestrator import __version__
+from orchestrator import __version__, ray_compat
 from orchestrator.app import applications
 from orchestrator.spec import FieldError, FleetSpec, FleetValidationError, ModelSpec
 
@@ -156,6 +156,8 @@ def _env() -> list[dict[str, Any]]:
         {"name": "HOME", "value": HOME},
         {"name": "SLM_CACHE_DIR", "value": f"{MODEL_CACHE}/slm"},
         {"name": "HF_HOME", "value": f"{MODEL_CACHE}/huggingface"},
+        # Serve's HTTP middleware hook: the gateway bounds what it reflects of x-request-id.
+        {"name": ray_compat.HTTP_MIDDLEWARES_VAR, "value": ray_compat.HTTP_MIDDLEWARES},
     ]
 
 

@@ -137,6 +137,9 @@ A JSON list of {name, gpus, gpuType, min, max}, sorted by name.
   value: /models/slm
 - name: HF_HOME
   value: /models/huggingface
+{{- /* Serve's HTTP middleware hook: the gateway bounds what it reflects of x-request-id. */}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: orchestrator.gateway.http:serve_middlewares
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
