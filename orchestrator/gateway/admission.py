@@ -103,7 +103,9 @@ class Admission:
     limits, audit. ``app_name`` names the Serve application whose rate-limiter actor is used;
     ``replica`` goes into audit lines."""
 
-    def __init__(self, fleet: FleetSpec, app_name: str | None, replica: str | None, audit_fallback: bool = False):
+    def __init__(self, fleet: FleetSpec, app_name: str | None, replica: str | None, audit_fallback: bool = False,
+                 limiter=None):
+        """``limiter``: the rate-limiter actor (default: the application's, found on first use)."""
         self.fleet = fleet
         self.max_body_bytes = fleet.gateway.max_body_bytes
         self._app_name = app_name
@@ -124,7 +126,7 @@ class Admission:
                 # A model replica may run on a node without the gateway's audit path.
                 log.warning("audit log %s not writable here (%s): writing it to stdout", audit.path, e)
                 self.audit = AuditLog(None, audit.include_prompts)
-        self._limiter = None
+        self._limiter = limiter
 
     def _load_keys(self) -> None:
         a = self.fleet.gateway.auth

@@ -69,6 +69,15 @@ class FleetView:
                 log.warning("fleet status refresh failed: %r", e)
             await asyncio.sleep(REFRESH_S)
 
+    def seed(self, states: dict[str, dict[str, int]], snapshot: dict[str, dict[str, Any]],
+             snapshot_age_s: float | None) -> None:
+        """Set the cached views as if just read: replica ``states``, the fleet-state
+        ``snapshot``, read ``snapshot_age_s`` ago (None: never read)."""
+        now = time.monotonic()
+        self._status = (now, states)
+        self._state = (now, snapshot)
+        self._state_ok_at = None if snapshot_age_s is None else now - snapshot_age_s
+
     # -- admission control's reading ----------------------------------------------------
 
     def queue_estimate(self, model: str, local_in_flight: int) -> tuple[float, int] | None:

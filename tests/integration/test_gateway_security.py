@@ -26,8 +26,12 @@ TEAM_KEY = "sk-team-a-0123456789abcdef"
 OPS_KEY = "sk-ops-0123456789abcdefgh"
 LIMITED_KEY = "sk-limited-0123456789abcd"
 LANE_LIMITED_KEY = "sk-lane-limited-0123456789"
+BUSY_KEY = "sk-busy-limited-0123456789"
 RPM = 6
 LANE_RPM = 3
+BUSY_RPM = 3
+# A pattern xgrammar accepts as a JSON schema but cannot compile (it failed inside the engine, a 500).
+BAD_PATTERN = "^(a|aa)*(b|bb)*(a|aa)*c{1,999}$"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,7 @@ def secure_stack(tmp_path_factory, tiny_model):
         {"name": "ops", "key": OPS_KEY, "admin": True},
         {"name": "limited", "key": LIMITED_KEY, "rpm": RPM},
         {"name": "lane-limited", "key": LANE_LIMITED_KEY, "rpm": LANE_RPM},
+        {"name": "busy-limited", "key": BUSY_KEY, "rpm": BUSY_RPM, "models": [BUSY]},
     ]}
     (d / "keys.yaml").write_text(yaml.safe_dump(keys))
     engine = {"max_model_len": 1024, "max_num_seqs": 8, "enforce_eager": True}
@@ -327,6 +332,87 @@ def test_admission_control_refuses_quickly_when_the_queue_is_full(secure_stack, 
     slowest = max(x["elapsed"] for x in admitted)
     assert took < slowest / 2, f"the refusal took {took:.1f}s (admitted streams: {slowest:.1f}s)"
     print(f"admission control: refused in {took * 1000:.0f} ms while admitted streams took up to {slowest:.1f}s")
+
+
+def _fill_until_refused(stack, http, headers: dict[str, str]) -> tuple[httpx.Response, list[dict]]:
+    """Six long streams on BUSY (queue bound 2 per replica); probe with ``headers`` until one
+    probe is refused (or 30 s pass). Returns the last probe and the streams' outcomes."""
+    probe = {"model": BUSY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    with cf.ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(_stream, stack.url, BUSY, 2500) for _ in range(6)]
+        deadline = time.monotonic() + 30
+        refusals = []
+        while time.monotonic() < deadline:
+            r = http.post("/v1/chat/completions", headers=headers, json=probe)
+            if r.status_code == 503:
+                refusals.append(r)
+                if len(refusals) >= BUSY_RPM + 1:  # more refusals than the key's whole minute
+                    break
+            time.sleep(0.3)
+        results = [f.result() for f in streams]
+    return (refusals[-1] if refusals else r), results
+
+
+def test_admission_refusals_do_not_charge_the_rate_limit(secure_stack, http):
+    """Capacity is checked before the key's rate limit: a 503 model_overloaded costs nothing."""
+    headers = {"Authorization": f"Bearer {BUSY_KEY}"}
+    r, _ = _fill_until_refused(secure_stack, http, headers)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_overloaded", r.text
+    # BUSY_RPM + 1 refusals this minute, yet the key's whole minute is still there.
+    probe = {"model": BUSY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    statuses = [http.post("/v1/chat/completions", headers=headers, json=probe).status_code
+                for _ in range(BUSY_RPM)]
+    assert statuses == [200] * BUSY_RPM, statuses
+    assert http.post("/v1/chat/completions", headers=headers, json=probe).status_code == 429
+
+
+def test_admission_control_fails_safe_without_the_fleet_state(secure_stack, http):
+    """The fleet-state actor frozen (reads time out): admission control counts each gateway
+    replica's own in-flight requests, says so in a metric, and still refuses a full model."""
+    actors = [pid for pid, _, cmd in processes() if cmd.startswith("ray::FleetState")]
+    assert len(actors) == 1, actors
+    ops = {"Authorization": f"Bearer {OPS_KEY}"}
+    os.kill(actors[0], signal.SIGSTOP)
+    try:
+        time.sleep(8)  # the last snapshot goes stale (5 s) while reads of the actor time out
+        r, results = _fill_until_refused(secure_stack, http, ops)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_overloaded", r.text
+        admitted = [x for x in results if x["status"] == 200]
+        assert admitted and all(x["done"] and x["error"] is None for x in admitted), results
+        seen = []
+        for _ in range(6):  # /metrics answers from one gateway replica: ask until one that estimated
+            text = http.get("/metrics", headers=ops, timeout=60).text
+            seen.append('slm_admission_queue_estimated{model="tiny-busy"} 1.0' in text)
+            if seen[-1] and "slm_fleet_state_errors_total" in text:
+                break
+        assert any(seen), "no gateway replica reported slm_admission_queue_estimated for tiny-busy"
+    finally:
+        os.kill(actors[0], signal.SIGCONT)
+    assert "no fresh fleet state" in secure_stack.log_path.read_text(errors="replace")
+
+
+def test_hostile_values_are_bounded_and_bad_grammars_are_400(secure_stack, http):
+    ops = {"Authorization": f"Bearer {OPS_KEY}"}
+    long_id = "r" * 5000
+    for base in ("/v1", lane_url(secure_stack).removeprefix(secure_stack.url) + "/v1"):
+        model = OPEN if base == "/v1" else SECRET
+        r = http.post(f"{base}/chat/completions", headers={**ops, "x-request-id": long_id},
+                      json={"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert 0 < len(r.headers["x-request-id"]) <= 128, base  # a fresh id, not the client's 5,000 bytes
+        schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": BAD_PATTERN}},
+                  "required": ["s"]}
+        body = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+        for stream in (False, True):
+            r = http.post(f"{base}/chat/completions", headers=ops, json={**body, "stream": stream})
+            assert r.status_code == 400, (base, stream, r.text)
+            error = r.json()["error"]
+            assert error["param"] == "response_format" and "cannot be compiled" in error["message"], error
+    huge = "m" * 60_000  # under the stack's 64 KB body limit
+    r = http.post("/v1/chat/completions", headers=ops, json={"model": huge, "messages": []})
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 400, r.text[:500]
+    assert http.get("/v1/models/" + "x" * 5000, headers=ops).json()["error"]["message"].count("x") <= 200
 
 
 def test_killing_a_replica_under_load_loses_no_request(secure_stack, http):

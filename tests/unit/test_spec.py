@@ -159,3 +159,13 @@ def test_example_fleets_validate():
     assert examples
     for path in examples:
         assert load_fleet(path).models, path
+
+
+def test_a_fast_lane_model_refuses_a_routing_policy_it_would_not_get():
+    """Serve routes a fast-lane deployment with its default router: a policy would be ignored."""
+    from orchestrator.spec import FleetValidationError, parse_fleet
+
+    with pytest.raises(FleetValidationError, match=r"models\[0\]: routing.policy: a fast-lane model"):
+        parse_fleet({"models": [{"name": "a", "source": "/m", "fast_lane": True,
+                                 "routing": {"policy": "session"}}]}, "fleet.yaml")
+    parse_fleet({"models": [{"name": "a", "source": "/m", "fast_lane": True}]}, "fleet.yaml")

@@ -1,0 +1,122 @@
+"""Admission's order (capacity before the key's rate limit), the capacity rule and its
+fallback when the fleet state is gone, and the bounds on what the gateway reflects. Fakes
+stand in for Ray here; tests/integration/test_gateway_security.py runs the same on the stack."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+from starlette.requests import Request
+
+from orchestrator import errors
+from orchestrator.gateway import capacity
+from orchestrator.gateway.admission import Admission
+from orchestrator.gateway.fleet_view import FleetView
+from orchestrator.gateway.http import REQUEST_ID, BoundRequestId
+from orchestrator.metrics import GatewayMetrics
+from orchestrator.spec import parse_fleet
+
+FLEET = {"models": [{"name": "m", "source": "/models/m", "limits": {"max_queue_per_replica": 2}},
+                    {"name": "n", "source": "/models/n"}],
+         "gateway": {"replicas": 2, "limits": {"max_queue_per_replica": 5}}}
+
+
+class Limiter:
+    """The rate-limiter actor's interface: ``acquire.remote(...)`` awaited."""
+
+    def __init__(self) -> None:
+        self.calls = []
+        self.acquire = types.SimpleNamespace(remote=self._acquire)
+        self.reconcile = types.SimpleNamespace(remote=lambda *a: None)
+
+    async def _acquire(self, *args):
+        self.calls.append(args)
+        return types.SimpleNamespace(allowed=True, headers={}, retry_after_s=0, reason="")
+
+
+def request(body: bytes, headers: dict[str, str] | None = None) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": raw}, receive)
+
+
+def keyed_fleet(tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {name: a, key: sk-a-0123456789abcdef, rpm: 1}\n")
+    return parse_fleet({**FLEET, "gateway": {**FLEET["gateway"], "auth": {"keys_file": str(keys)}}}, "fleet.yaml")
+
+
+def test_a_request_refused_for_capacity_is_not_charged_to_the_key(tmp_path):
+    limiter = Limiter()
+    admission = Admission(keyed_fleet(tmp_path), None, None, limiter=limiter)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}'
+    headers = {"authorization": "Bearer sk-a-0123456789abcdef"}
+
+    async def full(spec):
+        raise errors.Overloaded("full")
+
+    async def room(spec):
+        return None
+
+    with pytest.raises(errors.Overloaded):
+        asyncio.run(admission.enter(request(body, headers), "chat", full))
+    assert limiter.calls == []
+    ctx, payload, spec, stream = asyncio.run(admission.enter(request(body, headers), "chat", room))
+    assert spec.name == "m" and not stream and len(limiter.calls) == 1
+
+
+def test_the_model_cap_else_the_gateway_cap():
+    fleet = parse_fleet(FLEET, "fleet.yaml")
+    assert capacity.bound(fleet, fleet.model("m")) == 2
+    assert capacity.bound(fleet, fleet.model("n")) == 5
+    capacity.check("m", 3.9, 2, 2)  # under 2 x 2
+    with pytest.raises(errors.Overloaded):
+        capacity.check("m", 4, 2, 2)
+    capacity.check("m", 100, 0, 2)  # no running replica: the request waits for one instead
+    capacity.check("m", 100, 1, None)  # no bound: no admission control
+
+
+def view_with(snapshot_at: float | None, queue: float | None) -> FleetView:
+    fleet = parse_fleet(FLEET, "fleet.yaml")
+    view = FleetView(fleet, {}, {"m": "model-m"}, {}, None, GatewayMetrics())
+    view.keep_fresh = lambda: None  # no event loop, no refresh here
+    view.seed({"m": {"RUNNING": 1}}, {"m": {"queue_depth": queue}} if queue is not None else {}, snapshot_at)
+    return view
+
+
+def test_admission_reads_the_fleet_queue_while_it_is_fresh():
+    assert view_with(0.5, 7.0).queue_estimate("m", local_in_flight=1) == (7.0, 1)
+
+
+@pytest.mark.parametrize("age, queue", [(None, None), (30.0, 7.0), (0.5, None)])
+def test_without_a_fresh_fleet_state_admission_counts_its_own_in_flight(age, queue):
+    """Actor gone (never read), stale (last read 30 s ago) or silent about the model: the
+    gateway replica's own in-flight requests x 2 gateway replicas, flagged in a metric."""
+    view = view_with(age, queue)
+    assert view.queue_estimate("m", local_in_flight=3) == (6.0, 1)
+    assert view.metrics.registry.get_sample_value("slm_admission_queue_estimated", {"model": "m"}) == 1
+
+
+def test_request_ids_and_reflected_values_are_bounded():
+    assert REQUEST_ID.match("req-1") and not REQUEST_ID.match("r" * 129) and not REQUEST_ID.match("a b")
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(dict(scope["headers"]).get(b"x-request-id"))
+
+    middleware = BoundRequestId(app)
+    for given, kept in ((b"req-ok", b"req-ok"), (b"r" * 5000, None), (b"bad\x01id", None)):
+        asyncio.run(middleware({"type": "http", "headers": [(b"x-request-id", given)]}, None, None))
+        assert seen[-1] == kept
+    message = errors.UnknownModel("m" * 1_000_000).message
+    assert len(message) < 300 and "1000000 characters" in message
