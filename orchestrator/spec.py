@@ -261,7 +261,9 @@ class ModelSpec(_Strict):
         if self.fast_lane and self.autoscaling.min_replicas < 1:
             raise ValueError("fast_lane needs autoscaling.min_replicas >= 1: a fast lane has no gateway to hold "
                              "requests while a replica starts (use /v1 for a model that scales to zero)")
-        if self.fast_lane and (given := sorted(self.routing.model_fields_set)):
+        default = RoutingSpec()
+        given = [k for k in RoutingSpec.model_fields if getattr(self.routing, k) != getattr(default, k)]
+        if self.fast_lane and given:
             # Ray Serve allows only its default router on an ingress behind HAProxy.
             raise ValueError(f"routing.{given[0]}: a fast-lane model's replicas are its own application's "
                              "ingress, where Ray Serve routes /v1 calls with its default router (HAProxy balances "

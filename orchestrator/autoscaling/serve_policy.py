@@ -41,8 +41,8 @@ class QueueDepthPolicy:
         self._looked_up_at = 0.0
         self._published_at = 0.0
         self._published_key: tuple | None = None
-        self._last_scale: dict[str, Any] | None = None
-        self._counts = {"up": 0, "down": 0}
+        self.last_scale: dict[str, Any] | None = None
+        self.counts = {"up": 0, "down": 0}
         self._last_target: int | None = None
 
     def observe(self, ctx) -> Observation:
@@ -78,15 +78,15 @@ class QueueDepthPolicy:
     # -- visibility ------------------------------------------------------------------------
 
     def _scaled(self, direction: str, before: int, after: int, reason: str, now: float) -> None:
-        self._counts[direction] += 1
-        self._last_scale = {"direction": direction, "from": before, "to": after, "reason": reason, "at": now}
+        self.counts[direction] += 1
+        self.last_scale = {"direction": direction, "from": before, "to": after, "reason": reason, "at": now}
         log.info("autoscaler: model %s: %s %d -> %d (%s)", self.model, direction, before, after, reason)
 
     def _publish(self, ctx, obs: Observation, decision, now: float) -> None:
         key = (decision.target, decision.direction, obs.running, obs.starting)
         if key == self._published_key and now - self._published_at < _PUBLISH_EVERY_S:
             return
-        actor = self._state_actor(self.fleet_app or ctx.app_name, now)
+        actor = self.state_actor(self.fleet_app or ctx.app_name, now)
         if actor is None:
             return
         snapshot = {
@@ -94,8 +94,8 @@ class QueueDepthPolicy:
             "replicas": {"running": obs.running, "starting": obs.starting, "target": decision.target},
             "last_decision": {"direction": decision.direction, "target": decision.target,
                               "reason": decision.reason, "at": now},
-            "last_scale": self._last_scale,
-            "decisions": dict(self._counts),
+            "last_scale": self.last_scale,
+            "decisions": dict(self.counts),
         }
         try:
             actor.record.remote(self.model, snapshot)
@@ -106,7 +106,8 @@ class QueueDepthPolicy:
         self._published_key = key
         self._published_at = now
 
-    def _state_actor(self, app_name: str | None, now: float):
+    def state_actor(self, app_name: str | None, now: float):
+        """The fleet-state actor (looked up again now and then; None while there is none)."""
         since = now - self._looked_up_at
         if app_name and (since >= _REFRESH_EVERY_S or (self._actor is None and since >= _LOOKUP_EVERY_S)):
             self._looked_up_at = now

@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-_WORDS = (
+WORDS = (
     "the a model serves tokens quickly small language replicas queue batch prefix cache gateway "
     "route scale stream request answer question system prompt user assistant capital france paris "
     "one two three four five six seven eight nine ten kernel memory paged attention decode"
@@ -40,7 +40,7 @@ def _corpus(n: int = 4000):
 
     rng = random.Random(0)
     for _ in range(n):
-        yield " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 24)))
+        yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24)))
 
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -48,11 +48,11 @@ UNK = "<|unk|>"  # word tokenizer only
 
 
 def vocab_words(n: int) -> list[str]:
-    """``n`` distinct words: ``_WORDS`` first, then pronounceable ones ("kaloru"), always the same."""
+    """``n`` distinct words: ``WORDS`` first, then pronounceable ones ("kaloru"), always the same."""
     import random
 
     rng = random.Random(0)
-    words = list(dict.fromkeys(_WORDS))[:n]
+    words = list(dict.fromkeys(WORDS))[:n]
     seen = set(words)
     while len(words) < n:
         word = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))

@@ -8,7 +8,6 @@ binary from tools/ (``make tools``)."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 
 import pytest
@@ -21,32 +20,19 @@ from orchestrator.k8s import render, schema
 # ----------------------------------------------------------------------------- the real builder
 
 
-def _build(serve_config_v2: str, monkeypatch, engine_build: str):
-    """Build the Serve application from a serveConfigV2 the way Serve's controller does."""
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.build_app import build_app as serve_build
-
+def build(serve_config_v2: str, monkeypatch, engine_build: str):
+    """Build the Serve applications of a serveConfigV2 the way Serve's controller does."""
     import orchestrator.engine.args as engine_args
+    from orchestrator.ray_compat import build_serve_config
 
     monkeypatch.setattr(engine_args, "installed_vllm_build", lambda: engine_build)
-    config = yaml.safe_load(serve_config_v2)
-    out = {}
-    for app_config in config["applications"]:  # the gateway's, then one per fast-lane model
-        module, attr = app_config["import_path"].split(":")
-        builder = getattr(importlib.import_module(module), attr)
-        app = call_user_app_builder_with_args_if_necessary(builder, app_config["args"])
-        built = serve_build(app, name=app_config["name"])
-        for d in built.deployments:
-            assert d.name not in out, f"{d.name} deployed twice"
-            d.app_name = app_config["name"]
-            out[d.name] = d
-    return out
+    return build_serve_config(yaml.safe_load(serve_config_v2)["applications"])
 
 
 def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
     """On the GPU image: serveConfigV2 from the chart -> the real builder -> Serve deployments."""
     doc = next(d for d in helm_template([CHART / "ci" / "multi-model-values.yaml"]) if d["kind"] == "RayService")
-    deployments = _build(doc["spec"]["serveConfigV2"], monkeypatch, "gpu")
+    deployments = build(doc["spec"]["serveConfigV2"], monkeypatch, "gpu")
     from orchestrator.app import deployment_name
 
     expected = {
@@ -59,12 +45,12 @@ def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
     assert set(deployments) == {"gateway"} | {deployment_name(n) for n in expected}
     for model, want in expected.items():
         dep = deployments[deployment_name(model)]
-        scaling = dep._deployment_config.autoscaling_config
+        scaling = dep.autoscaling_config
         assert (scaling.min_replicas, scaling.max_replicas) == (want["min"], want["max"]), model
         assert scaling.target_ongoing_requests == want["target"], model
         assert scaling.policy.policy_kwargs["model"] == model
         actor = dep.ray_actor_options
-        bundles = dep._replica_config.placement_group_bundles
+        bundles = dep.placement_group_bundles
         if want["gpus"] == 0:
             assert "num_gpus" not in actor and not bundles, model
             assert actor["num_cpus"] == 2
@@ -72,31 +58,31 @@ def test_serve_config_builds_the_deployments_the_fleet_asks_for(monkeypatch):
             assert actor["num_gpus"] == want["gpus"] and not bundles, model
         else:
             assert sum(b.get("GPU", 0) for b in bundles) == want["gpus"], model
-            assert dep._replica_config.placement_group_strategy == "STRICT_PACK"
+            assert dep.placement_group_strategy == "STRICT_PACK"
             if want["gpu_type"]:
                 assert bundles[0][f"accelerator_type:{want['gpu_type']}"] > 0
-    assert deployments["gateway"]._deployment_config.num_replicas == 2
+    assert deployments["gateway"].num_replicas == 2
     # The fast-lane model is its own application's ingress; the others are in the gateway's.
     lane = deployment_name("llama-3.2-1b-instruct")
     assert {n: d.app_name for n, d in deployments.items() if d.app_name != "slm"} == {
         lane: "slm-lane-llama-3.2-1b-instruct"}
-    assert deployments[lane].func_or_class.__name__ == "LaneServer"
-    assert deployments[lane]._deployment_config.autoscaling_config.policy.policy_kwargs["fleet_app"] == "slm"
+    assert deployments[lane].class_name == "LaneServer"
+    assert deployments[lane].autoscaling_config.policy.policy_kwargs["fleet_app"] == "slm"
     # Serve refuses a custom request router on an ingress behind HAProxy.
-    assert deployments[lane]._deployment_config.request_router_config.request_router_class != \
-        deployments[deployment_name("qwen3-4b")]._deployment_config.request_router_config.request_router_class
+    assert deployments[lane].request_router_config.request_router_class != \
+        deployments[deployment_name("qwen3-4b")].request_router_config.request_router_class
 
 
 def test_dev_cpu_serve_config_builds_cpu_replicas(monkeypatch):
     doc = next(d for d in helm_template([CHART / "ci" / "dev-cpu-values.yaml"]) if d["kind"] == "RayService")
-    deployments = _build(doc["spec"]["serveConfigV2"], monkeypatch, "cpu")
+    deployments = build(doc["spec"]["serveConfigV2"], monkeypatch, "cpu")
     smol = deployments["model-smollm2-135m-instruct"]
-    assert smol._deployment_config.autoscaling_config.max_replicas == 2
+    assert smol.autoscaling_config.max_replicas == 2
     assert "num_gpus" not in smol.ray_actor_options
     # No memory knob in the values: each CPU replica plans its KV cache at start from the
     # memory fields of the CPU models it may share a node with.
     assert "runtime_env" not in smol.ray_actor_options
-    peers = smol._replica_config.init_args[2]
+    peers = smol.init_args[2]
     assert {p["name"] for p in peers} == {"smollm2-135m-instruct", "all-minilm-l6-v2"}
     assert next(p for p in peers if p["name"] == "smollm2-135m-instruct")["autoscaling"]["max_replicas"] == 2
 

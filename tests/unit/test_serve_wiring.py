@@ -9,6 +9,7 @@ from ray.serve.config import AutoscalingContext
 from orchestrator.app import build_app, replica_options
 from orchestrator.autoscaling.serve_policy import QueueDepthPolicy
 from orchestrator.names import deployment_name
+from orchestrator.ray_compat import build_deployments
 from orchestrator.spec import ModelSpec, parse_fleet
 
 
@@ -37,10 +38,8 @@ def test_serve_accepts_the_deployment_config(policy):
     """Serve validates (and pickles) the policy and router when the app is built."""
     fleet = parse_fleet({"models": [{"name": "m", "source": "/models/m", "routing": {"policy": policy},
                                      "autoscaling": {"min_replicas": 1, "max_replicas": 2}}]}, "test")
-    app = build_app(fleet)
-    model = app._bound_deployment.init_args[1]["m"]._bound_deployment
-    config = model._deployment_config
-    assert model.name == deployment_name("m")
+    deployments = {d.name: d for d in build_deployments(build_app(fleet), "slm")}
+    config = deployments[deployment_name("m")]
     assert config.autoscaling_config.max_replicas == 2
     assert config.autoscaling_config.policy.policy_kwargs["model"] == "m"
     assert config.request_router_config.request_router_kwargs["policy"] == policy
@@ -62,7 +61,7 @@ LIMITS = {"min_replicas": 1, "max_replicas": 4, "target_queue_depth": 4, "upscal
 
 def test_policy_sums_engine_queues_and_requests_queued_at_handles():
     policy = QueueDepthPolicy("m", LIMITS)
-    policy._state_actor = lambda *a: None  # no fleet-state actor in a unit test
+    policy.state_actor = lambda *a: None  # no fleet-state actor in a unit test
     ctx = context(aggregated_metrics={"queue_depth": {"r1": 6.0, "r2": 5.0}}, total_queued_requests=3,
                   current_num_replicas=2, target_num_replicas=3)
     obs = policy.observe(ctx)
@@ -76,32 +75,32 @@ def test_policy_falls_back_to_serves_request_count_before_replicas_report():
 
 def test_policy_decides_with_state_carried_by_serve():
     policy = QueueDepthPolicy("m", LIMITS)
-    policy._state_actor = lambda *a: None
+    policy.state_actor = lambda *a: None
     busy = {"queue_depth": {"r1": 20.0}}
     target, state = policy(context(aggregated_metrics=busy, current_time=100.0))
     assert target == 1 and state["want_up_since"] == 100.0  # waiting upscale_delay_s
     target, state = policy(context(aggregated_metrics=busy, current_time=101.0, policy_state=state))
     assert target == 4
-    assert policy._counts == {"up": 1, "down": 0}
-    assert policy._last_scale["reason"].startswith("queue 20 at target 4/replica needs 4")
+    assert policy.counts == {"up": 1, "down": 0}
+    assert policy.last_scale["reason"].startswith("queue 20 at target 4/replica needs 4")
 
 
 def test_policy_records_serves_own_cold_start_as_an_up_decision():
     zero = {**LIMITS, "min_replicas": 0}
     policy = QueueDepthPolicy("m", zero)
-    policy._state_actor = lambda *a: None
+    policy.state_actor = lambda *a: None
     policy(context(current_num_replicas=0, target_num_replicas=0, current_time=1.0))
     # Serve raised the target itself (cold-start path) before calling the policy again.
     policy(context(current_num_replicas=1, target_num_replicas=1, current_time=30.0,
                    aggregated_metrics={"queue_depth": {"r1": 1.0}}))
-    assert policy._counts["up"] == 1 and "cold start" in policy._last_scale["reason"]
+    assert policy.counts["up"] == 1 and "cold start" in policy.last_scale["reason"]
 
 
 def test_publish_sends_a_snapshot_to_the_fleet_state():
     sent = []
     actor = types.SimpleNamespace(record=types.SimpleNamespace(remote=lambda model, snap: sent.append((model, snap))))
     policy = QueueDepthPolicy("m", LIMITS)
-    policy._state_actor = lambda *a: actor
+    policy.state_actor = lambda *a: actor
     policy(context(aggregated_metrics={"queue_depth": {"r1": 2.0}}))
     model, snap = sent[-1]
     assert model == "m" and snap["queue_depth"] == 2.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.devtools.tiny_model import _WORDS, SPECIALS, UNK, build, vocab_words
+from orchestrator.devtools.tiny_model import SPECIALS, UNK, WORDS, build, vocab_words
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def test_vocab_words_are_deterministic_distinct_and_start_with_the_fixed_words()
     words = vocab_words(500)
     assert words == vocab_words(500)
     assert len(set(words)) == 500
-    assert words[: len(_WORDS)] == _WORDS
+    assert words[: len(WORDS)] == WORDS
     assert all(w.isalpha() and w.islower() for w in words)
-    assert vocab_words(10) == _WORDS[:10]
+    assert vocab_words(10) == WORDS[:10]
 
 
 def test_word_model_round_trips_text(word_tokenizer):
