@@ -50,8 +50,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from loadtests.loadgen import MODEL, VOCAB, client_main, say
 from loadtests.procstat import affinities, core_times, cpu_used, find_slm_serve, other_servers, process_tree, read_procs
 from loadtests.report import (
@@ -67,7 +65,7 @@ from loadtests.report import (
     ratios,
     render_markdown,
 )
-from orchestrator.devtools.stack import log_tail
+from orchestrator.devtools import stack
 
 # The slm stack's two entry points for the same model: /v1 (through the gateway) and the
 # model's fast lane (HAProxy straight to its replica). One stack: one process tree to account.
@@ -115,24 +113,17 @@ def vllm_server(model_dir: Path, workdir: Path, prefix: list[str]) -> Iterator[S
 
 
 def wait_ready(server: Server, timeout_s: float) -> None:
-    def failed(why: str) -> SystemExit:
-        return SystemExit(f"vLLM's server {why}:\n{log_tail(server.log_path)}\n(full log: {server.log_path})")
+    last = [0.0]
 
-    started = time.monotonic()
-    last = 0.0
-    while True:
-        if server.proc.poll() is not None:
-            raise failed(f"exited with {server.proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 200:
-                return
-        waited = time.monotonic() - started
-        if waited > timeout_s:
-            raise failed(f"not ready after {timeout_s:.0f}s")
-        if waited - last >= 10:
-            last = waited
+    def progress(waited: float) -> None:
+        if waited - last[0] >= 10:
+            last[0] = waited
             say(f"waiting for vLLM's server ({waited:.0f}s)")
-        time.sleep(1)
+
+    try:
+        stack.wait_ready(server.proc, f"{server.url}/v1/models", timeout_s, "vLLM's server", server.log_path, progress)
+    except stack.StackError as e:
+        raise SystemExit(str(e)) from None
 
 
 def machine_info() -> dict[str, Any]:

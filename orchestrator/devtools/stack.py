@@ -30,6 +30,25 @@ class StackError(RuntimeError):
     """The stack exited or was not ready in time; the message ends with its log's tail."""
 
 
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, what: str, log_path: Path,
+               on_wait: Callable[[float], None] | None = None, interval_s: float = 1) -> None:
+    """Wait until ``url`` answers 200; StackError (ending with the log's tail) when ``proc``
+    exits or ``timeout_s`` passes first. ``on_wait`` gets the seconds waited, each round."""
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited with {proc.returncode}:\n{log_tail(log_path)}\n(full log: {log_path})")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            raise StackError(f"{what} not ready after {timeout_s:.0f}s:\n{log_tail(log_path)}\n(full log: {log_path})")
+        if on_wait:
+            on_wait(waited)
+        time.sleep(interval_s)
+
+
 class Stack:
     def __init__(self, url: str, log_path: Path, proc: subprocess.Popen):
         self.url = url
@@ -82,20 +101,8 @@ def serve_stack(
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         stack = Stack(f"http://127.0.0.1:{port}", log_path, proc)
-        started = time.monotonic()
         try:
-            while True:
-                if proc.poll() is not None:
-                    raise StackError(f"slm serve exited with {proc.returncode}:\n{stack.log_tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{stack.url}/ready", timeout=5).status_code == 200:
-                        break
-                waited = time.monotonic() - started
-                if waited > startup_timeout_s:
-                    raise StackError(f"stack not ready after {startup_timeout_s:.0f}s:\n{stack.log_tail()}")
-                if on_wait:
-                    on_wait(waited)
-                time.sleep(2)
+            wait_ready(proc, f"{stack.url}/ready", startup_timeout_s, "slm serve", log_path, on_wait, interval_s=2)
             yield stack
         finally:
             if proc.poll() is None:
