@@ -139,7 +139,10 @@ class FleetView:
         """Why ``model``'s last replica start failed, while no replica of it has started since."""
         return (await self.autoscaler_state()).get(model, {}).get("start_failure")
 
-    def _actor(self):
+    def state_actor(self):
+        """The fleet-state actor, created when missing (the gateway creates it as it starts:
+        replicas and the autoscaling policy look it up, and one created by a replica would die
+        with it); None while it cannot be reached."""
         if self._state_actor is None and self._app_name:
             try:
                 from orchestrator.autoscaling import state
@@ -162,7 +165,7 @@ class FleetView:
         if self._state and now - self._state[0] < max_age:
             return self._state[1]
         snapshot = self._state[1] if self._state else {}
-        actor = self._actor()
+        actor = self.state_actor()
         if actor is not None:
             try:
                 snapshot = await asyncio.wait_for(actor.snapshot.remote(), STATE_READ_TIMEOUT_S)
@@ -179,7 +182,7 @@ class FleetView:
     async def engine_metrics(self) -> list[str]:
         """vLLM's metrics of every replica (pushed to the fleet state every few seconds);
         without that actor, of one replica per model, asked directly."""
-        actor = self._actor()
+        actor = self.state_actor()
         if actor is not None:
             try:
                 texts = await asyncio.wait_for(actor.engine_metrics.remote(), 5)

@@ -60,6 +60,7 @@ class Gateway:
         self._created = int(time.time())
         self.admission = Admission(self.fleet, app_name, replica)
         self.view = FleetView(self.fleet, self.handles, deployments, lanes, app_name, self.metrics)
+        self.view.state_actor()
         self.relay = Relay(self.handles, self.view, self.metrics, self.fleet.gateway.request_timeout_s,
                            self.admission.finish)
 
