@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from orchestrator import errors, ray_compat
 from orchestrator.gateway import auth as keys
-from orchestrator.gateway import ratelimit
+from orchestrator.gateway import capacity, ratelimit
 from orchestrator.gateway.audit import AuditLog
 from orchestrator.gateway.http import REQUEST_ID
 from orchestrator.spec import FleetSpec, ModelSpec
@@ -281,12 +281,8 @@ class Admission:
 
     def check_limits(self, spec: ModelSpec, payload: dict[str, Any]) -> None:
         """The model's request caps (falling back to gateway.limits): 400 naming the cap."""
-        caps = self.fleet.gateway.limits
-        own = spec.limits
-
         def cap(name: str) -> int | None:
-            value = getattr(own, name)
-            return value if value is not None else getattr(caps, name)
+            return capacity.limit(self.fleet, spec, name)
 
         asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
         limit = cap("max_tokens")

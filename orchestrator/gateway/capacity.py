@@ -2,7 +2,8 @@
 while a model's queue is past ``max_queue_per_replica`` per running replica, so the requests
 already admitted keep a bounded latency.
 
-The bound is the model's ``limits.max_queue_per_replica``, else the gateway's (``bound``).
+The bound is the model's ``limits.max_queue_per_replica``, else the gateway's (``bound``; the
+request caps fall back the same way, ``limit``).
 What counts as the queue depends on where the request enters: the fleet's queue as the
 autoscaler last saw it, over the running replicas (the gateway, ``FleetView.queue_estimate``),
 or one replica's own engine queue (a fast lane).
@@ -14,10 +15,15 @@ from orchestrator import errors
 from orchestrator.spec import FleetSpec, ModelSpec
 
 
+def limit(fleet: FleetSpec, spec: ModelSpec, name: str) -> int | None:
+    """A model's limit ``name`` (``limits.<name>``), else the gateway's (``gateway.limits.<name>``)."""
+    own = getattr(spec.limits, name)
+    return own if own is not None else getattr(fleet.gateway.limits, name)
+
+
 def bound(fleet: FleetSpec, spec: ModelSpec) -> int | None:
     """Requests a model may queue per running replica (None: no admission control)."""
-    own = spec.limits.max_queue_per_replica
-    return own if own is not None else fleet.gateway.limits.max_queue_per_replica
+    return limit(fleet, spec, "max_queue_per_replica")
 
 
 def check(model: str, queue: float, replicas: int, limit: int | None, where: str = "") -> None:
