@@ -53,12 +53,14 @@ class FleetView:
         self._state_actor = None
         self._static: dict[str, dict[str, Any]] | None = None
         self._refresher: asyncio.Future | None = None
+        self._refresh_started: float | None = None
 
     # -- background refresh -----------------------------------------------------------
 
     def keep_fresh(self) -> None:
         """Start (or restart) the background refresh of the cached views; never waits."""
         if self._refresher is None or self._refresher.done():
+            self._refresh_started = time.monotonic()
             self._refresher = asyncio.ensure_future(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
@@ -70,10 +72,12 @@ class FleetView:
             await asyncio.sleep(REFRESH_S)
 
     def seed(self, states: dict[str, dict[str, int]], snapshot: dict[str, dict[str, Any]],
-             snapshot_age_s: float | None) -> None:
+             snapshot_age_s: float | None, refreshing_for_s: float | None = None) -> None:
         """Set the cached views as if just read: replica ``states``, the fleet-state
-        ``snapshot``, read ``snapshot_age_s`` ago (None: never read)."""
+        ``snapshot``, read ``snapshot_age_s`` ago (None: never read), the background refresh
+        running for ``refreshing_for_s``."""
         now = time.monotonic()
+        self._refresh_started = None if refreshing_for_s is None else now - refreshing_for_s
         self._status = (now, states)
         self._state = (now, snapshot)
         self._state_ok_at = None if snapshot_age_s is None else now - snapshot_age_s
@@ -82,7 +86,7 @@ class FleetView:
 
     def queue_estimate(self, model: str, local_in_flight: int) -> tuple[float, int] | None:
         """(queue depth, running replicas) of ``model`` for admission control, from the cached
-        views only; None before the first read of replica states. Without a fresh fleet-state
+        views only; None (admit) until the background refresh has read them once. Without a fresh fleet-state
         snapshot of the model, the queue is this replica's in-flight requests times the number
         of gateway replicas (they share the traffic)."""
         self.keep_fresh()
@@ -90,7 +94,13 @@ class FleetView:
             return None
         running = self._status[1].get(model, {}).get("RUNNING", 0)
         now = time.monotonic()
-        fresh = self._state_ok_at is not None and now - self._state_ok_at <= STATE_STALE_S
+        ok_at, started = self._state_ok_at, self._refresh_started
+        if (ok_at is None or (started is not None and ok_at < started)) and not self._state_failing \
+                and started is not None and now - started <= STATE_STALE_S:
+            # The refresh has just started (the first request with a queue bound): not read
+            # yet, not failing; admit for that second rather than judge from an old snapshot.
+            return None
+        fresh = ok_at is not None and now - ok_at <= STATE_STALE_S
         snapshot = (self._state[1].get(model) if fresh and self._state else None) or {}
         if "queue_depth" in snapshot:
             if model in self._estimated:

@@ -86,11 +86,12 @@ def test_the_model_cap_else_the_gateway_cap():
     capacity.check("m", 100, 1, None)  # no bound: no admission control
 
 
-def view_with(snapshot_at: float | None, queue: float | None) -> FleetView:
+def view_with(snapshot_at: float | None, queue: float | None, refreshing_for: float | None = 60.0) -> FleetView:
     fleet = parse_fleet(FLEET, "fleet.yaml")
     view = FleetView(fleet, {}, {"m": "model-m"}, {}, None, GatewayMetrics())
     view.keep_fresh = lambda: None  # no event loop, no refresh here
-    view.seed({"m": {"RUNNING": 1}}, {"m": {"queue_depth": queue}} if queue is not None else {}, snapshot_at)
+    view.seed({"m": {"RUNNING": 1}}, {"m": {"queue_depth": queue}} if queue is not None else {}, snapshot_at,
+              refreshing_for)
     return view
 
 
@@ -105,6 +106,14 @@ def test_without_a_fresh_fleet_state_admission_counts_its_own_in_flight(age, que
     view = view_with(age, queue)
     assert view.queue_estimate("m", local_in_flight=3) == (6.0, 1)
     assert view.metrics.registry.get_sample_value("slm_admission_queue_estimated", {"model": "m"}) == 1
+
+
+def test_admission_waits_for_the_first_refresh_before_estimating():
+    """The refresh just started (this replica's first request with a queue bound): an old
+    snapshot is not judged stale yet, and nothing is estimated; after STATE_STALE_S it is."""
+    assert view_with(None, None, refreshing_for=0.2).queue_estimate("m", local_in_flight=3) is None
+    assert view_with(30.0, 7.0, refreshing_for=0.2).queue_estimate("m", local_in_flight=3) is None
+    assert view_with(30.0, 7.0, refreshing_for=6.0).queue_estimate("m", local_in_flight=3) == (6.0, 1)
 
 
 def test_request_ids_and_reflected_values_are_bounded():
