@@ -335,20 +335,20 @@ def test_admission_control_refuses_quickly_when_the_queue_is_full(secure_stack, 
     print(f"admission control: refused in {took * 1000:.0f} ms while admitted streams took up to {slowest:.1f}s")
 
 
-def _while_full(stack, http, then=None) -> tuple[httpx.Response, list[dict], object]:
+def _while_full(stack, http, then=None, tokens: int = 2500) -> tuple[httpx.Response, list[dict], object]:
     """Six long streams on BUSY (queue bound 2 per replica); probe (ops key) until a probe is
     refused (or 30 s pass), then run ``then()`` while the queue is still full. Returns the last
     probe, the streams' outcomes and what ``then`` returned."""
     probe = {"model": BUSY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     ops = {"Authorization": f"Bearer {OPS_KEY}"}
     with cf.ThreadPoolExecutor(6) as pool:
-        streams = [pool.submit(_stream, stack.url, BUSY, 2500) for _ in range(6)]
+        streams = [pool.submit(_stream, stack.url, BUSY, tokens) for _ in range(6)]
         deadline = time.monotonic() + 30
         while True:
             r = http.post("/v1/chat/completions", headers=ops, json=probe)
             if r.status_code == 503 or time.monotonic() > deadline:
                 break
-            time.sleep(0.3)
+            time.sleep(0.1)
         done = then() if then is not None and r.status_code == 503 else None
         results = [f.result() for f in streams]
     return r, results, done
@@ -381,23 +381,27 @@ def test_admission_refusals_do_not_charge_the_rate_limit(secure_stack, http):
 
 
 def test_admission_control_fails_safe_without_the_fleet_state(secure_stack, http):
-    """The fleet-state actor frozen (reads time out): admission control counts each gateway
-    replica's own in-flight requests, says so in a metric, and still refuses a full model."""
+    """The fleet-state actor frozen (its reads time out; Ray may restart it meanwhile): each
+    gateway replica counts its own in-flight requests, says so in a log line and a metric,
+    and still refuses what is past the bound instead of reading an empty queue (which
+    admitted everything)."""
     actors = [pid for pid, _, cmd in processes() if cmd.startswith("ray::FleetState")]
     assert len(actors) == 1, actors
     ops = {"Authorization": f"Bearer {OPS_KEY}"}
     os.kill(actors[0], signal.SIGSTOP)
     try:
-        time.sleep(8)  # the last snapshot goes stale (5 s) while reads of the actor time out
-        r, results, _ = _while_full(secure_stack, http)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "model_overloaded", r.text
+        time.sleep(6)  # the last snapshot goes stale (5 s) while reads of the actor time out
+        with cf.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: _stream(secure_stack.url, BUSY, 3500), range(6)))
+        refused = [x for x in results if x["status"] == 503]
         admitted = [x for x in results if x["status"] == 200]
-        assert admitted and all(x["done"] and x["error"] is None for x in admitted), results
+        assert refused and admitted, results
+        assert all(x["done"] and x["error"] is None for x in admitted), results
         seen = []
         for _ in range(6):  # /metrics answers from one gateway replica: ask until one that estimated
             text = http.get("/metrics", headers=ops, timeout=60).text
-            seen.append('slm_admission_queue_estimated{model="tiny-busy"} 1.0' in text)
-            if seen[-1] and "slm_fleet_state_errors_total" in text:
+            seen.append('slm_admission_queue_estimated{model="tiny-busy"}' in text)
+            if seen[-1]:
                 break
         assert any(seen), "no gateway replica reported slm_admission_queue_estimated for tiny-busy"
     finally:
