@@ -226,11 +226,19 @@ def test_prefix_affinity_sticks_to_one_replica_until_its_bound(http, client):
     assert list(sequential.values()) == [6], f"one replica takes a shared prefix while under its bound: {sequential}"
     home = next(iter(sequential))
 
-    before = picks(http, SCALE)
-    with cf.ThreadPoolExecutor(12) as pool:
-        list(pool.map(lambda i: ask(f"concurrent {i}", 150), range(12)))
-    burst = delta(picks(http, SCALE), before)
-    assert len(burst) == 2, f"a hot prefix spills over once its replica is past the bound: {burst}"
+    # The gateway's router learns of the second replica through Serve's long poll, which can
+    # trail the controller's RUNNING on a loaded machine: a burst that finds one candidate
+    # is tried again, up to three times.
+    bursts = []
+    for _ in range(3):
+        before = picks(http, SCALE)
+        with cf.ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda i: ask(f"concurrent {i}", 150), range(12)))
+        bursts.append(burst := delta(picks(http, SCALE), before))
+        if len(burst) == 2:
+            break
+        time.sleep(5)
+    assert len(burst) == 2, f"a hot prefix spills over once its replica is past the bound: {bursts}"
     # Which side gets more of the burst is not asserted: on 2 shared cores the busy home
     # replica can miss Serve's 0.1 s queue-length probe deadline, and Serve then sends the
     # request to the next-ranked replica (seen on a fresh machine: home 4, other 8).
