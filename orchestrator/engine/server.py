@@ -38,6 +38,8 @@ from orchestrator.spec import ModelSpec
 
 log = logging.getLogger("orchestrator.engine")
 
+SCHEMA_CHECK_S = 5.0  # longest a JSON schema pre-check may take before the request goes on without it
+
 JSON = "application/json"
 SSE = "text/event-stream"
 
@@ -119,6 +121,8 @@ class ModelServer:
                 if key == "kv_cache_memory_bytes" else repr(value)
             log.info("model %s: chose %s=%s (set engine.%s in the fleet to override)", self.spec.name, key, shown, key)
         self._engine_args = engine_args
+        # Another backend than xgrammar (or auto, which picks it) compiles schemas its own way.
+        self._check_schemas = vllm_compat.structured_backend(engine_args) in ("auto", "xgrammar")
         self.load = EngineLoad()
         self._outbox = wire.Outbox()
         self.engine = await self._start_engine(engine_args)
@@ -229,8 +233,11 @@ class ModelServer:
         openai_compat.check_ranges(payload)
         request = vllm_compat.parse_request(endpoint, payload)
         serving = self._serving(endpoint)
-        if (constrained := vllm_compat.structured_output(request)) is not None:
-            await asyncio.to_thread(vllm_compat.check_structured_output, constrained)
+        if self._check_schemas and (schema := vllm_compat.json_schema_of(request)) is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(vllm_compat.check_json_schema, schema), SCHEMA_CHECK_S)
+            except asyncio.TimeoutError:
+                pass  # slow to compile, not refused: vLLM's own limits apply
         return await vllm_compat.run(serving, endpoint, request)
 
     def _error_result(self, result: Any) -> tuple[int, bytes]:

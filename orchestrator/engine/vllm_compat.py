@@ -9,8 +9,8 @@ engine API is here, so a version bump is checked against this file alone:
 * its error responses (``ErrorResponse``, ``create_error_response``);
 * a context-length check wrapped around the serving layer's request rendering (it uses
   the private ``_extract_prompt_len``);
-* the structured-output grammar compiler (xgrammar), to refuse a schema it cannot compile
-  before the engine fails on it.
+* vLLM's structured-output checks and its grammar compiler (xgrammar), to refuse a JSON
+  schema xgrammar accepts but cannot compile, before the engine fails on it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import re
 from typing import Any
 
 from orchestrator import errors
+
+GRAMMAR_CACHE_BYTES = 16 * 2**20
 
 
 async def start_engine(engine_args, record_stats, placement_group=None):
@@ -155,11 +157,14 @@ def _pydantic_error(exc: Exception) -> errors.InvalidRequest:
 @functools.lru_cache(maxsize=1)
 def _grammar_compiler():
     """A grammar compiler over a tiny vocabulary: the grammar-level checks that can fail a
-    schema do not depend on the model's tokens, and a small vocabulary compiles fast."""
+    schema do not depend on the model's tokens, and a small vocabulary compiles fast. Its
+    cache is on, as in the engine (the failing check is on the cache's path), but bounded:
+    clients choose the schemas."""
     import xgrammar as xgr
 
     vocab = [chr(c) for c in range(32, 127)] + ["<eos>"]
-    return xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1]), cache_enabled=True)
+    return xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1]), max_threads=1,
+                               cache_enabled=True, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
 
 def _compiler_reason(exc: BaseException) -> str:
@@ -168,36 +173,47 @@ def _compiler_reason(exc: BaseException) -> str:
     return re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", text)[:300]
 
 
-def structured_output(request) -> tuple[str, Any, Any, Any] | None:
-    """(the field it came in, JSON schema, regex, grammar) of a request that constrains its
-    output to a grammar; None for most requests (cheap: no compiling here)."""
-    params = getattr(request, "structured_outputs", None)
+def structured_backend(engine_args) -> str:
+    """The engine's structured-output backend (vLLM's default: auto)."""
+    config = getattr(engine_args, "structured_outputs_config", None)
+    return str(getattr(config, "backend", None) or "auto")
+
+
+def json_schema_of(request) -> tuple[str, Any] | None:
+    """(the field it came in, the JSON schema) of a request whose output must follow a JSON
+    schema; None for most requests (cheap: no compiling here)."""
     fmt = getattr(request, "response_format", None)
     if fmt is not None and getattr(fmt, "type", None) == "json_schema" and getattr(fmt, "json_schema", None):
-        return "response_format", fmt.json_schema.json_schema, None, None
-    if params is None:
-        return None
-    found = ("structured_outputs", getattr(params, "json", None), getattr(params, "regex", None),
-             getattr(params, "grammar", None))
-    return found if any(v is not None for v in found[1:]) else None
+        return "response_format", fmt.json_schema.json_schema
+    params = getattr(request, "structured_outputs", None)
+    if params is not None and getattr(params, "json", None) is not None:
+        return "structured_outputs", params.json
+    return None
 
 
-def check_structured_output(found: tuple[str, Any, Any, Any]) -> None:
-    """400 naming the field when the grammar compiler rejects a request's JSON schema, regex
-    or grammar (``structured_output``'s result). vLLM's own validation accepts some schemas
-    its engine then cannot compile, and the request failed there with a 500."""
-    param, schema, regex, grammar = found
-    compiler = _grammar_compiler()
+def check_json_schema(found: tuple[str, Any]) -> None:
+    """400 naming the field when xgrammar accepts a JSON schema in vLLM's validation but then
+    cannot compile it (the request failed inside the engine with a 500). What vLLM refuses
+    itself (too deep, unsupported features it hands to another backend) is left to vLLM, and
+    so is anything this check cannot run."""
+    param, schema = found
     try:
-        if schema is not None:
-            compiler.compile_json_schema(schema if isinstance(schema, str) else _json(schema))
-        if regex is not None:
-            compiler.compile_regex(regex)
-        if grammar is not None:
-            compiler.compile_grammar(grammar)
+        import json
+
+        from vllm.sampling_params import check_json_nesting
+        from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+        parsed = json.loads(schema) if isinstance(schema, str) else schema
+        check_json_nesting(parsed)
+        if not isinstance(parsed, dict) or has_xgrammar_unsupported_json_features(parsed):
+            return
+        compiler = _grammar_compiler()
+    except Exception:  # noqa: BLE001 - vLLM answers these itself
+        return
+    try:
+        compiler.compile_json_schema(_json(parsed))
     except Exception as e:  # noqa: BLE001 - the compiler raises RuntimeError and ValueError
-        what = "JSON schema" if param == "response_format" else "grammar"
-        raise errors.InvalidRequest(f"The {what} in '{param}' cannot be compiled: {_compiler_reason(e)}",
+        raise errors.InvalidRequest(f"The JSON schema in '{param}' cannot be compiled: {_compiler_reason(e)}",
                                     param=param) from e
 
 

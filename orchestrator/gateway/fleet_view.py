@@ -54,6 +54,7 @@ class FleetView:
         self._static: dict[str, dict[str, Any]] | None = None
         self._refresher: asyncio.Future | None = None
         self._refresh_started: float | None = None
+        self._status_read: asyncio.Future | None = None
 
     # -- background refresh -----------------------------------------------------------
 
@@ -102,6 +103,11 @@ class FleetView:
             return None
         fresh = ok_at is not None and now - ok_at <= STATE_STALE_S
         snapshot = (self._state[1].get(model) if fresh and self._state else None) or {}
+        # The policy publishes every second while it runs: an older entry means it stopped
+        # (the controller stuck, or writing to an actor that was replaced). Wall clocks of two
+        # nodes: twice the bound as margin.
+        if time.time() - float(snapshot.get("received_at") or 0) > 2 * STATE_STALE_S:
+            snapshot = {}
         if "queue_depth" in snapshot:
             if model in self._estimated:
                 self._estimated.discard(model)
@@ -111,8 +117,9 @@ class FleetView:
         if model not in self._estimated:
             self._estimated.add(model)
             self.metrics.queue_estimated.labels(model).set(1)
-            log.warning("admission control for %s: no fresh fleet state; counting this gateway replica's "
-                        "in-flight requests x %d gateway replicas until it is back", model, self.fleet.gateway.replicas)
+            why = "no fresh fleet state" if not fresh else "no recent queue depth from its autoscaling policy"
+            log.warning("admission control for %s: %s; counting this gateway replica's in-flight requests x %d "
+                        "gateway replicas until it is back", model, why, self.fleet.gateway.replicas)
         return float(local_in_flight * max(1, self.fleet.gateway.replicas)), running
 
     # -- control-plane reads (cached) ---------------------------------------------------
@@ -134,7 +141,10 @@ class FleetView:
                 out[model] = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
             return out
 
-        states = await asyncio.wait_for(asyncio.to_thread(read), STATUS_READ_TIMEOUT_S)
+        # One read at a time: a slow controller must not pile up blocked threads.
+        if self._status_read is None or self._status_read.done():
+            self._status_read = asyncio.ensure_future(asyncio.to_thread(read))
+        states = await asyncio.wait_for(asyncio.shield(self._status_read), STATUS_READ_TIMEOUT_S)
         self._status = (now, states)
         return states
 

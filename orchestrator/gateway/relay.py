@@ -74,9 +74,17 @@ class Hold:
 
     async def check(self) -> errors.OrchestratorError | None:
         elapsed = time.perf_counter() - self.started
-        name, view, timeout_s = self.spec.name, self.relay.view, self.relay.timeout_s
+        name, timeout_s = self.spec.name, self.relay.timeout_s
         if elapsed >= timeout_s:
             return errors.UpstreamTimeout(f"The model '{name}' did not answer within {timeout_s:.0f}s")
+        try:
+            return await self._check_replicas(elapsed)
+        except Exception as e:  # noqa: BLE001 - the control plane slow or away: keep waiting
+            log.warning("model %s: readiness check failed (%r); still waiting", name, e)
+            return None
+
+    async def _check_replicas(self, elapsed: float) -> errors.OrchestratorError | None:
+        name, view = self.spec.name, self.relay.view
         if await view.has_ready_replica(name):
             return None
         if not self.held:

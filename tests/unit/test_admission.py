@@ -5,6 +5,7 @@ stand in for Ray here; tests/integration/test_gateway_security.py runs the same 
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import pytest
@@ -86,12 +87,13 @@ def test_the_model_cap_else_the_gateway_cap():
     capacity.check("m", 100, 1, None)  # no bound: no admission control
 
 
-def view_with(snapshot_at: float | None, queue: float | None, refreshing_for: float | None = 60.0) -> FleetView:
+def view_with(snapshot_at: float | None, queue: float | None, refreshing_for: float | None = 60.0,
+              published_s_ago: float = 0.5) -> FleetView:
     fleet = parse_fleet(FLEET, "fleet.yaml")
     view = FleetView(fleet, {}, {"m": "model-m"}, {}, None, GatewayMetrics())
     view.keep_fresh = lambda: None  # no event loop, no refresh here
-    view.seed({"m": {"RUNNING": 1}}, {"m": {"queue_depth": queue}} if queue is not None else {}, snapshot_at,
-              refreshing_for)
+    entry = {"queue_depth": queue, "received_at": time.time() - published_s_ago}
+    view.seed({"m": {"RUNNING": 1}}, {"m": entry} if queue is not None else {}, snapshot_at, refreshing_for)
     return view
 
 
@@ -106,6 +108,13 @@ def test_without_a_fresh_fleet_state_admission_counts_its_own_in_flight(age, que
     view = view_with(age, queue)
     assert view.queue_estimate("m", local_in_flight=3) == (6.0, 1)
     assert view.metrics.registry.get_sample_value("slm_admission_queue_estimated", {"model": "m"}) == 1
+
+
+def test_a_queue_depth_the_policy_stopped_publishing_is_not_trusted():
+    """The actor answers, but the model's entry is a minute old (the policy stuck, or writing
+    to a replaced actor): estimated like a missing one."""
+    view = view_with(0.5, 7.0, published_s_ago=60.0)
+    assert view.queue_estimate("m", local_in_flight=3) == (6.0, 1)
 
 
 def test_admission_waits_for_the_first_refresh_before_estimating():

@@ -225,3 +225,22 @@ def test_deployment_names_are_safe_and_distinct():
     assert deployment_name("smollm2-135m") == "model-smollm2-135m"
     a, b = deployment_name("Qwen/Qwen3-0.6B"), deployment_name("Qwen:Qwen3-0.6B")
     assert a != b and "/" not in a and ":" not in b
+
+
+def test_a_json_schema_xgrammar_cannot_compile_is_a_400_naming_its_field():
+    """vLLM's validation accepts this pattern and its engine then failed the request (500)."""
+    from orchestrator.engine.vllm_compat import check_json_schema, json_schema_of
+
+    bad = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a|aa)*(b|bb)*(a|aa)*c{1,999}$"}},
+           "required": ["s"]}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    request = parse_request("chat", {**chat, "response_format": {"type": "json_schema",
+                                                                  "json_schema": {"name": "s", "schema": bad}}})
+    with pytest.raises(errors.InvalidRequest, match="cannot be compiled") as e:
+        check_json_schema(json_schema_of(request))
+    assert e.value.param == "response_format"
+    with pytest.raises(errors.InvalidRequest) as e:
+        check_json_schema(json_schema_of(parse_request("chat", {**chat, "structured_outputs": {"json": bad}})))
+    assert e.value.param == "structured_outputs"
+    check_json_schema(("response_format", {"type": "object", "properties": {"s": {"pattern": "^a+$"}}}))
+    assert json_schema_of(parse_request("chat", chat)) is None
