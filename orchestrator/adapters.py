@@ -204,14 +204,12 @@ def _gguf_is_llama(path: Path) -> bool:
         return False
 
 
-def adapter_problems(model, i: int) -> list:
-    """Validation of a model's adapters against themselves and their base: FieldErrors
-    naming ``models[i].adapters[j].<field>``."""
-    from orchestrator.spec import FieldError
-
-    errors = []
+def adapter_problems(model, i: int) -> list[tuple[str, str]]:
+    """Validation of a model's adapters against themselves and their base: (field path
+    ``models[i].adapters[j].<field>``, problem) pairs."""
+    errors: list[tuple[str, str]] = []
     if model.task != "generate":
-        return [FieldError(f"models[{i}].adapters", "LoRA adapters apply to generative models (task: generate)")]
+        return [(f"models[{i}].adapters", "LoRA adapters apply to generative models (task: generate)")]
     limit = model.engine.get("max_lora_rank")
     modules = None
     for j, adapter in enumerate(model.adapters):
@@ -219,22 +217,22 @@ def adapter_problems(model, i: int) -> list:
         try:
             info = adapter_info(adapter.source)
         except ValueError as e:
-            errors.append(FieldError(f"{where}.source", str(e)))
+            errors.append((f"{where}.source", str(e)))
             continue
         if info is None:
             continue
         if isinstance(limit, int) and info.rank > limit:
-            errors.append(FieldError(f"{where}.source", f"rank {info.rank} is over the model's engine.max_lora_rank "
+            errors.append((f"{where}.source", f"rank {info.rank} is over the model's engine.max_lora_rank "
                                                         f"{limit}"))
         elif info.rank > SUPPORTED_RANKS[-1]:
-            errors.append(FieldError(f"{where}.source", f"rank {info.rank} is over vLLM's largest max_lora_rank "
+            errors.append((f"{where}.source", f"rank {info.rank} is over vLLM's largest max_lora_rank "
                                                         f"({SUPPORTED_RANKS[-1]})"))
         if info.target_modules:
             if modules is None:
                 modules = base_modules(model.source) or frozenset()
             missing = [t for t in info.target_modules if modules and t not in modules]
             if missing:
-                errors.append(FieldError(f"{where}.source",
+                errors.append((f"{where}.source",
                                          f"target module(s) {', '.join(missing)} not in the base model "
                                          f"{model.name!r} (it has {', '.join(sorted(modules - {'lm_head'}))})"))
     return errors

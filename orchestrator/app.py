@@ -15,12 +15,22 @@ A model with ``fast_lane: true`` is deployed in its own application instead
 (``applications(fleet)`` lists them all): its replicas are that application's ingress, so
 HAProxy proxies ``/models/<name>/v1/...`` straight to them, while the gateway reaches the same
 deployment for ``/v1`` through a handle across applications.
+
+LoRA adapters travel as each deployment's ``user_config`` (the model's adapters to its
+replicas, every adapter's name, base and limits to the gateway), never in ``args``: Serve
+hashes an application's args into its code version, so an adapter in them would restart
+every replica, while a changed ``user_config`` only calls ``reconfigure`` on the running
+ones. ``applications`` therefore writes the adapters into each application's
+``deployments`` overrides and the LoRA engine arguments they call for into ``args``.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
+from orchestrator import adapters
 from orchestrator.engine.args import accelerator
 from orchestrator.names import (
     APP_IMPORT_PATH,
@@ -36,15 +46,54 @@ from orchestrator.spec import FleetSpec, ModelSpec, parse_fleet
 METRICS_INTERVAL_S = 0.5
 LOOK_BACK_PERIOD_S = 2.0
 
+log = logging.getLogger("orchestrator.app")
+
+
+def gateway_user_config(fleet: FleetSpec) -> dict[str, Any]:
+    """The gateway's ``user_config``: every adapter's name, base model and request limits."""
+    return {"adapters": [{"name": a.name, "base": m.name, "limits": a.limits.model_dump(mode="json", exclude_none=True)
+                          if a.limits else None} for m in fleet.models for a in m.adapters]}
+
+
+def without_adapters(fleet_data: dict[str, Any], fleet: FleetSpec) -> dict[str, Any]:
+    """``fleet_data`` as application args: adapters taken out, the LoRA engine arguments they
+    call for written into each such model's engine (so a replica starts with LoRA on)."""
+    data = copy.deepcopy(fleet_data)
+    for model, spec in zip(data.get("models") or (), fleet.models, strict=True):
+        if not isinstance(model, dict) or "adapters" not in model:
+            continue
+        derived = adapters.lora_engine_args(spec)
+        if derived:
+            model["engine"] = {**(model.get("engine") or {}), **{k: v for k, (v, _) in derived.items()}}
+        del model["adapters"]
+    return data
+
+
+def log_lora_choices(fleet: FleetSpec, say=None) -> None:
+    """Say once, at apply time, which LoRA engine arguments were derived and why."""
+    for model in fleet.models:
+        for key, (value, why) in adapters.lora_engine_args(model).items():
+            line = f"model {model.name}: chose {key}={value!r} ({why}; set engine.{key} in the fleet to override)"
+            (say or log.info)(line)
+
 
 def applications(fleet_data: dict[str, Any]) -> list[dict[str, Any]]:
     """The fleet's Serve applications as serveConfigV2 entries: the gateway's, then one per
-    fast-lane model (each built from the whole fleet, for its keys and limits)."""
-    apps = [{"name": APP_NAME, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": fleet_data}]
-    for model in fleet_data.get("models") or ():
-        if isinstance(model, dict) and model.get("fast_lane") is True:
-            apps.append({"name": lane_app_name(model["name"]), "route_prefix": lane_route_prefix(model["name"]),
-                         "import_path": LANE_IMPORT_PATH, "args": {"fleet": fleet_data, "model": model["name"]}})
+    fast-lane model (each built from the whole fleet, for its keys and limits). Adapters go
+    into each application's ``deployments`` overrides as ``user_config``."""
+    fleet = parse_fleet(fleet_data, "fleet")
+    args = without_adapters(fleet_data, fleet)
+    main = [{"name": GATEWAY_DEPLOYMENT, "user_config": gateway_user_config(fleet)}]
+    main += [{"name": deployment_name(m.name), "user_config": adapters.user_config(m)}
+             for m in fleet.models if not m.fast_lane]
+    apps = [{"name": APP_NAME, "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": args,
+             "deployments": main}]
+    for model in fleet.models:
+        if model.fast_lane:
+            apps.append({"name": lane_app_name(model.name), "route_prefix": lane_route_prefix(model.name),
+                         "import_path": LANE_IMPORT_PATH, "args": {"fleet": args, "model": model.name},
+                         "deployments": [{"name": deployment_name(model.name),
+                                          "user_config": adapters.user_config(model)}]})
     return apps
 
 
@@ -128,6 +177,7 @@ def build_app(args: dict[str, Any] | FleetSpec):
     from orchestrator.gateway.ingress import Gateway, api
 
     fleet = args if isinstance(args, FleetSpec) else parse_fleet(args, "serve application args")
+    fleet = _with_lora_args(fleet)
     peers = memory_peers(fleet)
     model_deployment = serve.deployment(ModelServer)
     handles = {}
@@ -139,15 +189,34 @@ def build_app(args: dict[str, Any] | FleetSpec):
         if spec.fast_lane:
             lanes[spec.name] = lane_app_name(spec.name)  # deployed by build_lane_app
         else:
-            handles[spec.name] = model_deployment.options(**opts).bind(spec.model_dump(mode="json"), None,
-                                                                       peers if accelerator(spec) == "cpu" else None)
+            handles[spec.name] = model_deployment.options(**opts, user_config=adapters.user_config(spec)).bind(
+                _init_model(spec), None, peers if accelerator(spec) == "cpu" else None)
     gateway = serve.deployment(serve.ingress(api)(Gateway)).options(
         name=GATEWAY_DEPLOYMENT,
         num_replicas=fleet.gateway.replicas,
         max_ongoing_requests=100_000,
         ray_actor_options={"num_cpus": 0},
+        user_config=gateway_user_config(fleet),
     )
-    return gateway.bind(fleet.model_dump(mode="json"), handles, names, lanes)
+    return gateway.bind(_init_fleet(fleet), handles, names, lanes)
+
+
+def _with_lora_args(fleet: FleetSpec) -> FleetSpec:
+    """The fleet with each adapter model's derived LoRA engine arguments written in (args
+    given with adapters inside, e.g. a hand-written serveConfigV2)."""
+    fleet = fleet.model_copy(deep=True)
+    for model in fleet.models:
+        model.engine.update({k: v for k, (v, _) in adapters.lora_engine_args(model).items()})
+    return fleet
+
+
+def _init_model(spec: ModelSpec) -> dict[str, Any]:
+    """A model's init args: its spec without adapters (they come through user_config)."""
+    return spec.model_dump(mode="json", exclude={"adapters"})
+
+
+def _init_fleet(fleet: FleetSpec) -> dict[str, Any]:
+    return {**fleet.model_dump(mode="json"), "models": [_init_model(m) for m in fleet.models]}
 
 
 def build_lane_app(args: dict[str, Any]):
@@ -159,7 +228,7 @@ def build_lane_app(args: dict[str, Any]):
 
     if not isinstance(args, dict) or "fleet" not in args or "model" not in args:
         raise ValueError("build_lane_app args: {fleet: <the fleet>, model: <a model name in it>}")
-    fleet = parse_fleet(args["fleet"], "serve application args.fleet")
+    fleet = _with_lora_args(parse_fleet(args["fleet"], "serve application args.fleet"))
     spec = fleet.model(args["model"])
     if spec is None or not spec.fast_lane:
         raise ValueError(f"build_lane_app: {args['model']!r} is not a fast-lane model of the fleet")
@@ -167,6 +236,6 @@ def build_lane_app(args: dict[str, Any]):
     # Serve refuses a custom request router on an ingress behind HAProxy (HAProxy balances
     # HTTP by least connections); the gateway's /v1 calls to it use Serve's default router.
     opts.pop("request_router_config")
-    return serve.deployment(LaneServer).options(**opts).bind(
-        spec.model_dump(mode="json"), fleet.model_dump(mode="json"), APP_NAME,
+    return serve.deployment(LaneServer).options(**opts, user_config=adapters.user_config(spec)).bind(
+        _init_model(spec), _init_fleet(fleet), APP_NAME,
         memory_peers(fleet) if accelerator(spec) == "cpu" else None)

@@ -296,7 +296,7 @@ def parse_fleet(data: Any, origin: str = "<fleet>") -> FleetSpec:
         if model.adapters:
             from orchestrator import adapters
 
-            errors += adapters.adapter_problems(model, i)
+            errors += [FieldError(*problem) for problem in adapters.adapter_problems(model, i)]
         errors += [FieldError(f"models[{i}].engine.{key}", problem)
                    for key, problem in vllm_args.engine_arg_problems(model.engine)]
         tp = model.engine.get("tensor_parallel_size", 1)
