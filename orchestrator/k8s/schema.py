@@ -47,11 +47,17 @@ def fleet_schema() -> dict[str, Any]:
 
 
 def fleet_defaults() -> dict[str, Any]:
-    """Every default of a model and of the gateway, for chart templates that size pods."""
+    """Every default of a model and of the gateway, for chart templates that size pods, and
+    the LoRA engine arguments a model with adapters gets when its engine leaves them unset
+    (``orchestrator.adapters.lora_engine_args``; the chart cannot read adapter folders, so
+    its max_lora_rank is always the default)."""
+    from orchestrator import adapters
     from orchestrator.spec import GatewaySpec, ModelSpec
 
     model = ModelSpec(name="m", source="/m").model_dump(mode="json", exclude={"name", "source"})
-    return {"model": model, "gateway": GatewaySpec().model_dump(mode="json")}
+    lora = {"max_lora_rank": adapters.DEFAULT_RANK, "max_loras": adapters.DEFAULT_SLOTS,
+            "max_cpu_loras": adapters.DEFAULT_CPU_CACHE}
+    return {"model": model, "gateway": GatewaySpec().model_dump(mode="json"), "lora": lora}
 
 
 def with_fleet(values_schema: dict[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,98 @@ is their only definition), so the chart never restates them.
 {{- end }}
 
 {{/*
+A name's slug (orchestrator.names._slug): (dict "name" NAME "disallowed" REGEX). Disallowed
+characters become `-`; when any was replaced, the first 6 hex digits of the name's SHA-1
+keep distinct names distinct.
+*/}}
+{{- define "slm-orchestrator.slug" -}}
+{{- $slug := regexReplaceAll .disallowed .name "-" -}}
+{{- if ne $slug .name }}{{ $slug = printf "%s-%s" $slug (sha1sum .name | trunc 6) }}{{ end -}}
+{{- $slug -}}
+{{- end }}
+
+{{/* The Serve deployment of a model's replicas (orchestrator.names.deployment_name). */}}
+{{- define "slm-orchestrator.deploymentName" -}}
+model-{{ include "slm-orchestrator.slug" (dict "name" . "disallowed" "[^A-Za-z0-9_-]") }}
+{{- end }}
+
+{{/*
+The fleet's Serve applications as serveConfigV2 entries, a JSON list: what
+orchestrator.app.applications gives for the same fleet (a test compares them):
+(dict "root" $ "fleet" FLEET). The gateway's application comes first, then one per fast-lane model.
+
+LoRA adapters are taken out of every model and go into the applications' `deployments`
+overrides as user_config (Serve hashes args into the code version, so adapters in args would
+restart every replica; a changed user_config only reconfigures the running ones):
+- gateway: {adapters: [{name, base, limits}]}, every adapter of the fleet (limits null unless set);
+- each model's deployment: {adapters: [{name, source, limits?}]}, its own (an empty list without).
+A model with adapters gets the LoRA engine arguments its engine leaves unset
+(orchestrator.adapters.lora_engine_args): enable_lora, max_loras and max_cpu_loras as in
+Python, and max_lora_rank the default (16): unlike `slm render`, the chart cannot read a
+local adapter's rank, so a model with adapters of a higher rank sets engine.max_lora_rank.
+*/}}
+{{- define "slm-orchestrator.applications" -}}
+{{- $fleet := deepCopy .fleet -}}
+{{- $lora := (.root.Files.Get "files/fleet-defaults.json" | fromJson).lora -}}
+{{- $models := get $fleet "models" | default list -}}
+{{- $gatewayAdapters := list -}}
+{{- $modelAdapters := list -}}
+{{- range $model := $models -}}
+{{- $adapters := list -}}
+{{- range $a := (get $model "adapters" | default list) -}}
+{{- $limits := dict -}}
+{{- $hasLimits := and (hasKey $a "limits") (kindIs "map" $a.limits) -}}
+{{- if $hasLimits -}}
+{{- range $k, $v := $a.limits }}{{ if not (kindIs "invalid" $v) }}{{ $_ := set $limits $k $v }}{{ end }}{{ end -}}
+{{- end -}}
+{{- $entry := dict "name" $a.name "source" $a.source -}}
+{{- if $hasLimits }}{{ $_ := set $entry "limits" $limits }}{{ end -}}
+{{- $adapters = append $adapters $entry -}}
+{{- $gatewayAdapters = append $gatewayAdapters (dict "name" $a.name "base" $model.name "limits" (ternary $limits nil $hasLimits)) -}}
+{{- end -}}
+{{- if $adapters -}}
+{{- $engine := get $model "engine" | default dict -}}
+{{- $slots := $lora.max_loras -}}
+{{- if hasKey $engine "max_loras" -}}
+{{- $slots = 0 -}}
+{{- $given := $engine.max_loras -}}
+{{- if and (kindIs "float64" $given) (eq $given (floor $given)) }}{{ $slots = $given }}{{ end -}}
+{{- if or (kindIs "int" $given) (kindIs "int64" $given) }}{{ $slots = $given }}{{ end -}}
+{{- end -}}
+{{- $derived := dict
+    "enable_lora" true
+    "max_lora_rank" $lora.max_lora_rank
+    "max_loras" $lora.max_loras
+    "max_cpu_loras" (max (int64 $lora.max_cpu_loras) (len $adapters) (int64 $slots)) -}}
+{{- range $key, $value := $derived -}}
+{{- if not (hasKey $engine $key) }}{{ $_ := set $engine $key $value }}{{ end -}}
+{{- end -}}
+{{- $_ := set $model "engine" $engine -}}
+{{- end -}}
+{{- $_ := unset $model "adapters" -}}
+{{- $modelAdapters = append $modelAdapters $adapters -}}
+{{- end -}}
+{{- $main := list (dict "name" "gateway" "user_config" (dict "adapters" $gatewayAdapters)) -}}
+{{- $lanes := list -}}
+{{- range $i, $model := $models -}}
+{{- $deployment := dict "name" (include "slm-orchestrator.deploymentName" $model.name) "user_config" (dict "adapters" (index $modelAdapters $i)) -}}
+{{- if eq (toString (get $model "fast_lane")) "true" -}}
+{{- $slug := include "slm-orchestrator.slug" (dict "name" $model.name "disallowed" "[^A-Za-z0-9._-]") -}}
+{{- $lanes = append $lanes (dict
+    "name" (printf "slm-lane-%s" $slug)
+    "route_prefix" (printf "/models/%s" $slug)
+    "import_path" "orchestrator.app:build_lane_app"
+    "args" (dict "fleet" $fleet "model" $model.name)
+    "deployments" (list $deployment)) -}}
+{{- else -}}
+{{- $main = append $main $deployment -}}
+{{- end -}}
+{{- end -}}
+{{- $app := dict "name" "slm" "route_prefix" "/" "import_path" "orchestrator.app:build_app" "args" $fleet "deployments" $main -}}
+{{- prepend $lanes $app | toJson -}}
+{{- end }}
+
+{{/*
 The fleet's models with the fields the chart sizes pods from, defaults filled in:
 a JSON list of {name, placement (cpu|gpu), gpus, gpuType, min, max, target, numCpus}.
 */}}
