@@ -1,4 +1,5 @@
-"""How big a model is: parameters, size class, weight bytes, KV-cache bytes per token.
+"""How big a model is: parameters, size class, weight bytes, KV-cache bytes per token, LoRA
+slot bytes.
 
 Works from a model's shape (layers, hidden size, heads, KV heads, head dim, MLP size,
 vocabulary), read from a Hugging Face ``config.json`` or taken from the built-in catalog of
@@ -13,6 +14,7 @@ Example::
     shape.parameters()                      # 596,049,920
     weight_bytes(shape, "bfloat16")         # ~1.19e9
     kv_bytes_per_token(shape, "bfloat16")   # 28 layers x 8 kv heads x 128 x 2 x 2 = 114,688
+    lora_slot_bytes(shape, 16, "bfloat16")  # one LoRA slot at max_lora_rank 16: 20,185,088
 """
 
 from __future__ import annotations
@@ -137,6 +139,19 @@ def weight_bytes(shape: ModelShape, dtype: str | None = None, quantization: str 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: str | None = None) -> int:
     """KV-cache bytes one token takes: layers x kv_heads x head_dim x 2 (K and V) x dtype bytes."""
     return int(shape.num_layers * shape.num_kv_heads * shape.head_dim * 2 * dtype_bytes(kv_dtype, shape.dtype))
+
+
+def lora_slot_bytes(shape: ModelShape, rank: int, dtype: str | None = None) -> int:
+    """Bytes vLLM allocates for one LoRA slot (``max_loras`` of them) at ``max_lora_rank``
+    ``rank``: an A (rank x in) and a B (out x rank) buffer for every LoRA-capable linear layer
+    of every decoder layer, whatever an adapter targets. Merged layers keep one A per slice:
+    qkv_proj 3 x rank x hidden in and rank x (q + k + v) out; o_proj rank x q in and rank x
+    hidden out; gate_up_proj 2 x rank x hidden in and rank x 2 x intermediate out; down_proj
+    rank x intermediate in and rank x hidden out (``vllm.lora.layers``)."""
+    hidden, inter = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    per_layer = (3 * hidden + q + 2 * kv) + (q + hidden) + (2 * hidden + 2 * inter) + (inter + hidden)
+    return int(shape.num_layers * rank * per_layer * dtype_bytes(dtype, shape.dtype))
 
 
 # ----------------------------------------------------------------------------- catalog

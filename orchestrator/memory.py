@@ -1,4 +1,8 @@
-"""One memory model for a replica, on CPU and on GPU: weights + overhead + KV cache.
+"""One memory model for a replica, on CPU and on GPU: weights + LoRA + overhead + KV cache.
+
+LoRA (a model with adapters, or engine.enable_lora): vLLM's ``max_loras`` slots at
+``max_lora_rank`` for every LoRA-capable layer (``footprint.lora_slot_bytes``), counted with
+the weights; on CPU also the host cache of loaded adapters.
 
 The KV cache has a **floor** and a **target**:
 
@@ -57,6 +61,8 @@ CPU_MAX_UTIL = 0.9
 # GPU replicas: CUDA context, activations and CUDA graphs as 1 GiB + 10% of the weights.
 GPU_REPLICA_OVERHEAD = 1 * GIB
 GPU_OVERHEAD_PER_WEIGHT = 0.10
+# vLLM's LoRA defaults when enable_lora is set without them (vllm.config.lora.LoRAConfig).
+VLLM_LORA_DEFAULTS = {"max_loras": 1, "max_lora_rank": 16}
 
 
 class PlanError(ValueError):
@@ -90,6 +96,7 @@ class ReplicaNeed:
     fixed_kv: int | None = None  # KV the fleet set itself (explicit setting wins)
     fixed_how: str = ""
     kv: int = 0  # planned KV bytes
+    lora: int = 0  # LoRA: max_loras slots at max_lora_rank (+ on CPU the host cache of loaded adapters)
 
     @property
     def floor(self) -> int:
@@ -103,7 +110,7 @@ class ReplicaNeed:
     @property
     def base(self) -> int:
         """Memory that does not depend on the KV plan."""
-        return self.weights + self.overhead
+        return self.weights + self.overhead + self.lora
 
     @property
     def total(self) -> int:
@@ -123,9 +130,12 @@ class ReplicaNeed:
         return self.kv >= self.target
 
     def describe(self) -> str:
-        """``weights 0.50 + overhead 1.30 + KV 0.19 GiB (4,096 tokens, 4.0 x 1024)``"""
-        return (f"weights {self.weights / GIB:.2f} + overhead {self.overhead / GIB:.2f} + KV {self.kv / GIB:.2f} GiB "
-                f"({self.kv_tokens:,} tokens, {self.full_sequences:.1f} x {self.max_model_len})")
+        """``weights 0.50 + overhead 1.30 + KV 0.19 GiB (4,096 tokens, 4.0 x 1024)``, with
+        ``+ lora 0.08`` after the weights for a model with LoRA adapters."""
+        lora = f" + lora {self.lora / GIB:.2f}" if self.lora else ""
+        return (f"weights {self.weights / GIB:.2f}{lora} + overhead {self.overhead / GIB:.2f} + "
+                f"KV {self.kv / GIB:.2f} GiB ({self.kv_tokens:,} tokens, {self.full_sequences:.1f} x "
+                f"{self.max_model_len})")
 
 
 def _served_dtype(spec: ModelSpec, device: str) -> str | None:
@@ -133,6 +143,35 @@ def _served_dtype(spec: ModelSpec, device: str) -> str | None:
     if dtype in (None, "auto") and device == "cpu":
         return "float32"  # the orchestrator's CPU choice (orchestrator.engine.args.engine_choices)
     return dtype
+
+
+def lora_bytes(spec: ModelSpec, shape: footprint.ModelShape, device: str, dtype: str | None = None) -> int:
+    """A replica's LoRA memory (0 without LoRA): ``max_loras`` slots of
+    ``footprint.lora_slot_bytes`` at ``max_lora_rank`` in the LoRA dtype (the model's unless
+    engine.lora_dtype says), and on CPU, where the slots and the host cache of loaded adapters
+    share the node, min(max_cpu_loras, adapters) x the largest adapter file known on disk
+    (hub adapters are not sized before a replica loads them)."""
+    from orchestrator import adapters
+
+    lora = adapters.effective_lora_args(spec)
+    if not lora.get("enable_lora"):
+        return 0
+    slots = int(lora.get("max_loras") or VLLM_LORA_DEFAULTS["max_loras"])
+    rank = int(lora.get("max_lora_rank") or VLLM_LORA_DEFAULTS["max_lora_rank"])
+    lora_dtype = spec.engine.get("lora_dtype")
+    total = slots * footprint.lora_slot_bytes(shape, rank, dtype if lora_dtype in (None, "auto") else lora_dtype)
+    if device == "cpu" and spec.adapters:
+        sizes = []
+        for adapter in spec.adapters:
+            try:
+                info = adapters.adapter_info(adapter.source)
+            except ValueError:
+                continue  # validation names it
+            if info is not None and info.size_bytes:
+                sizes.append(info.size_bytes)
+        cached = min(int(lora.get("max_cpu_loras") or slots), len(spec.adapters))
+        total += cached * max(sizes, default=0)
+    return total
 
 
 def replica_need(spec: ModelSpec, device: str, index: int = 0,
@@ -156,6 +195,7 @@ def replica_need(spec: ModelSpec, device: str, index: int = 0,
     try:
         weights = footprint.weight_bytes(shape, dtype, quant)
         per_token = footprint.kv_bytes_per_token(shape, kv_dtype)
+        lora = lora_bytes(spec, shape, device, dtype)
     except ValueError as e:
         raise PlanError(f"model {spec.name!r}: {e}", index, "engine") from None
     if spec.speculative is not None and hasattr(spec.speculative.draft, "derive_layers"):
@@ -174,13 +214,13 @@ def replica_need(spec: ModelSpec, device: str, index: int = 0,
     if device == "gpu":
         overhead = int(GPU_REPLICA_OVERHEAD + GPU_OVERHEAD_PER_WEIGHT * weights)
         # Tensor parallel: each GPU holds 1/tp of the weights and of the KV cache.
-        weights, per_token = weights // tp, max(1, per_token // tp)
+        weights, per_token, lora = weights // tp, max(1, per_token // tp), lora // tp
     else:
         # CPU tensor parallel: one engine process per rank on the same node.
         overhead = int(CPU_REPLICA_OVERHEAD + CPU_RANK_OVERHEAD * tp + CPU_OVERHEAD_PER_WEIGHT * weights)
     need = ReplicaNeed(spec.name, index, device, weights, overhead, per_token, max_len, max_seqs, floor_tokens,
                        max(floor_tokens, target_tokens), params, footprint.size_class(params), quant,
-                       gpus=tp if device == "gpu" else 1, ranks=tp if device == "cpu" else 1)
+                       gpus=tp if device == "gpu" else 1, ranks=tp if device == "cpu" else 1, lora=lora)
     return need
 
 
@@ -260,7 +300,10 @@ def explicit_kv(spec: ModelSpec, node_memory: int, environ: Mapping[str, str] | 
 
 
 _PLAN_ENGINE_KEYS = ("dtype", "quantization", "kv_cache_dtype", "max_model_len", "max_num_seqs", "block_size",
-                     "tensor_parallel_size", "kv_cache_memory_bytes", "gpu_memory_utilization")
+                     "tensor_parallel_size", "kv_cache_memory_bytes", "gpu_memory_utilization",
+                     # LoRA slots (written into a served model's engine args with its adapters; the
+                     # adapters themselves are left out: they change without restarting anything)
+                     "enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras", "lora_dtype")
 
 
 def plan_inputs(spec: ModelSpec) -> dict:
@@ -320,7 +363,7 @@ def plan_cpu(fleet_models: Iterable[ModelSpec], node_memory: int, *, is_cpu: Cal
         if fixed is not None:
             need.fixed_kv, need.fixed_how = fixed * need.ranks, how  # per worker, each rank a worker
             if how == "engine.gpu_memory_utilization":
-                need.weights, need.overhead = 0, 0  # vLLM reserves that share for everything
+                need.weights, need.overhead, need.lora = 0, 0, 0  # vLLM reserves that share for everything
         needs[spec.name] = need
         replicas[spec.name] = max(1, math.ceil(spec.autoscaling.max_replicas * scale - 1e-9))
     floors = {m: (n.base + n.floor) * replicas[m] for m, n in needs.items()}
@@ -346,8 +389,10 @@ def _refuse(needs: dict[str, ReplicaNeed], replicas: dict[str, int], floors: dic
         what = f"{n.fixed_how} asks for {n.fixed_kv / GIB:.2f} GiB per replica"
         hint = f"lower {n.fixed_how} or autoscaling.max_replicas"
     else:
-        what = (f"each needs at least {(n.base + n.floor) / GIB:.2f} GiB (weights {n.weights / GIB:.2f}, overhead "
-                f"{n.overhead / GIB:.2f}, KV floor {n.floor / GIB:.2f} for one {n.max_model_len}-token sequence)")
+        lora = f", LoRA {n.lora / GIB:.2f}" if n.lora else ""
+        what = (f"each needs at least {(n.base + n.floor) / GIB:.2f} GiB (weights {n.weights / GIB:.2f}{lora}, "
+                f"overhead {n.overhead / GIB:.2f}, KV floor {n.floor / GIB:.2f} for one {n.max_model_len}-token "
+                "sequence)")
         own_room = room - others
         fits = int(own_room // (n.base + n.floor)) if own_room > 0 else 0
         tokens = int((own_room / count - n.base) // n.kv_bytes_per_token) if own_room > 0 else 0

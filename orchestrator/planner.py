@@ -1,9 +1,9 @@
 """Placement planner: which GPUs (or GPU fractions) each model replica gets, by memory.
 
-Each replica's need comes from ``orchestrator.memory``: weights, runtime overhead (1 GiB +
-10% of the weights) and a KV cache between a floor (one ``max_model_len`` sequence: vLLM
-needs it to start) and a target (``kv_cache_tokens``, else the autoscaler's target
-concurrency at full length). Replicas are packed by their floor, largest first, onto the
+Each replica's need comes from ``orchestrator.memory``: weights, LoRA slots (models with
+adapters), runtime overhead (1 GiB + 10% of the weights) and a KV cache between a floor (one
+``max_model_len`` sequence: vLLM needs it to start) and a target (``kv_cache_tokens``, else
+the autoscaler's target concurrency at full length). Replicas are packed by their floor, largest first, onto the
 first GPU with room (first-fit decreasing) up to ``max_util`` of its memory; then the room
 left on each GPU is shared toward the targets. A replica that fits in a fraction of a GPU
 shares it (fractional Ray ``num_gpus`` and the matching vLLM ``gpu_memory_utilization``);
@@ -215,7 +215,8 @@ def _refusal(spec: ModelSpec, b: ReplicaNeed, nodes: list[Node], types: list[str
                 f"{widest.gpus} ({widest.gpus}x{widest.gpu_name})")
         hint = f"lower tensor_parallel_size or add a node with {b.gpus} GPUs"
     elif need > room:
-        what = (f"needs at least {need:.1f} GB per GPU (weights {b.weights / 1e9:.1f}, KV floor "
+        lora = f", LoRA {b.lora / 1e9:.1f}" if b.lora else ""
+        what = (f"needs at least {need:.1f} GB per GPU (weights {b.weights / 1e9:.1f}{lora}, KV floor "
                 f"{b.floor / 1e9:.1f} for one {b.max_model_len}-token sequence, overhead {b.overhead / 1e9:.1f}), "
                 f"more than {max_util:.0%} of a {biggest.gpu_name} ({room:.1f} GB)")
         hint = "raise tensor_parallel_size, lower engine.max_model_len, or quantize"
@@ -250,13 +251,14 @@ def planned_fleet(fleet_data: dict[str, Any], fleet: FleetSpec, plan: Plan) -> d
 
 def render_table(plan: Plan) -> str:
     rows = [("MODEL", "REPLICA", "CLASS", "PARAMS", "NODE", "GPUS", "NUM_GPUS", "GPU_MEM_UTIL", "WEIGHTS",
-             "KV_FLOOR", "KV", "KV_TOKENS", "FULL_SEQS", "BUDGET")]
+             "LORA", "KV_FLOOR", "KV", "KV_TOKENS", "FULL_SEQS", "BUDGET")]
     for p in plan.placements:
         node = plan.nodes[p.node]
         b = p.budget
         rows.append((p.model, str(p.replica + 1), b.size_class, f"{b.parameters / 1e9:.2f}B",
                      f"{node.index}:{node.gpu_name}", ",".join(map(str, p.gpu_indices)), f"{p.num_gpus:g}",
-                     f"{p.gpu_memory_utilization:.2f}", f"{b.weights / 1e9:.2f} GB", f"{b.floor / 1e9:.2f} GB",
+                     f"{p.gpu_memory_utilization:.2f}", f"{b.weights / 1e9:.2f} GB",
+                     f"{b.lora / 1e9:.2f} GB" if b.lora else "-", f"{b.floor / 1e9:.2f} GB",
                      f"{b.kv / 1e9:.2f} GB", f"{b.kv_tokens:,}", f"{b.full_sequences:.1f} x {b.max_model_len}",
                      f"{b.total / 1e9:.2f} GB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -93,3 +93,18 @@ def test_unknown_hub_model_has_no_shape():
                                         (9, "Q5_1"), (15, "Q4_K_M")])
 def test_gguf_quant_names(code, name):
     assert footprint.gguf_quant_name(code) == name
+
+
+def test_lora_slot_bytes_count_every_lora_capable_layer_at_the_slot_rank():
+    shape = CATALOG["Qwen/Qwen3-0.6B"]  # 28 layers, hidden 1024, q 16 x 128, kv 8 x 128, MLP 3072
+    per_layer = ((3 * 1024 + 2048 + 2 * 1024)  # qkv_proj: an A per slice (3 x rank x hidden), B rank x (q+k+v)
+                 + (2048 + 1024)  # o_proj: rank x q in, rank x hidden out
+                 + (2 * 1024 + 2 * 3072)  # gate_up_proj: two A slices, B rank x 2 x intermediate
+                 + (3072 + 1024))  # down_proj
+    assert per_layer == 22528
+    assert footprint.lora_slot_bytes(shape, 16, "bfloat16") == 28 * 16 * 22528 * 2 == 20_185_088
+    assert footprint.lora_slot_bytes(shape, 32, "bfloat16") == 2 * 20_185_088  # linear in the rank
+    assert footprint.lora_slot_bytes(shape, 16, "float32") == 2 * 20_185_088
+    assert footprint.lora_slot_bytes(shape, 16) == 20_185_088  # the checkpoint's dtype (bf16)
+    tiny = ModelShape(2, 128, 2, 2, 64, 256, 455, dtype="float32")
+    assert footprint.lora_slot_bytes(tiny, 16) == 2 * 16 * ((384 + 128 + 256) + 256 + (256 + 512) + 384) * 4

@@ -177,3 +177,55 @@ def test_parse_size(text, value):
 def test_parse_size_refuses_nonsense():
     with pytest.raises(ValueError, match="expected a size"):
         memory.parse_size("lots")
+
+
+QWEN_SLOT_FP32 = 2 * 20_185_088  # footprint.lora_slot_bytes(Qwen3-0.6B, 16, float32): CPU replicas serve fp32
+
+
+def fake_adapter(folder, size):
+    """An adapter folder in PEFT layout whose weights file is ``size`` bytes (only its size is read)."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}')
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * size)
+    return str(folder)
+
+
+def test_a_cpu_replica_counts_its_lora_slots_and_the_host_cache_of_its_adapters(tmp_path):
+    entry = {"name": "q", "source": "hf://Qwen/Qwen3-0.6B", "engine": {"max_model_len": 1024},
+             "adapters": [{"name": "a", "source": fake_adapter(tmp_path / "a", 1_000_000)},
+                          {"name": "b", "source": fake_adapter(tmp_path / "b", 500_000)},
+                          {"name": "c", "source": "hf://someone/lora"}]}  # not sized before it loads
+    spec = models(entry)[0]
+    plain = memory.replica_need(models({**entry, "adapters": []})[0], "cpu")
+    need = memory.replica_need(spec, "cpu")
+    # 4 slots (max_loras derived) x one fp32 slot at rank 16, + min(max_cpu_loras 32, 3 adapters) x the largest file
+    assert need.lora == 4 * QWEN_SLOT_FP32 + 3 * 1_000_000 == 164_480_704
+    assert need.base == plain.base + need.lora and need.weights == plain.weights
+    assert "+ lora 0.15 + overhead" in need.describe()
+    assert "lora" not in plain.describe()
+    plan = cpu_plan([entry])
+    planned = plan.needs["q"]
+    assert planned.lora == need.lora and plan.used == (need.base + planned.kv) * plan.replicas["q"]
+
+
+def test_lora_args_set_in_engine_size_the_slots():
+    base = {"name": "q", "source": "hf://Qwen/Qwen3-0.6B", "engine": {"max_model_len": 1024}}
+    assert memory.replica_need(models(base)[0], "cpu").lora == 0
+    on = {**base, "engine": {"max_model_len": 1024, "enable_lora": True}}
+    assert memory.replica_need(models(on)[0], "cpu").lora == QWEN_SLOT_FP32  # vLLM's defaults: 1 slot, rank 16
+    tuned = {**base, "engine": {"max_model_len": 1024, "enable_lora": True, "max_loras": 2, "max_lora_rank": 64,
+                                "lora_dtype": "bfloat16"}}
+    assert memory.replica_need(models(tuned)[0], "cpu").lora == 2 * 4 * 20_185_088
+
+
+def test_the_lora_slots_travel_with_the_plan_inputs_and_the_adapters_do_not(tmp_path):
+    from orchestrator import adapters
+
+    spec = models({"name": "q", "source": "hf://Qwen/Qwen3-0.6B", "engine": {"max_model_len": 1024},
+                   "adapters": [{"name": "a", "source": fake_adapter(tmp_path / "a", 1_000_000)}]})[0]
+    spec.engine.update({k: v for k, (v, _) in adapters.lora_engine_args(spec).items()})  # as the Serve app does
+    inputs = memory.plan_inputs(spec)
+    assert "adapters" not in inputs  # adapters change live; a peer's plan inputs must not
+    assert inputs["engine"]["max_loras"] == 4 and inputs["engine"]["enable_lora"] is True
+    # A peer sees the slots (what every replica allocates), not the host cache of the adapters' files.
+    assert memory.replica_need(models(inputs)[0], "cpu").lora == 4 * QWEN_SLOT_FP32

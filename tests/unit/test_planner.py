@@ -183,3 +183,30 @@ def test_shares_are_whole_hundredths_and_the_written_fleet_takes_a_models_smalle
     written = planner.planned_fleet(data, f, plan)
     for raw, spec in zip(written["models"], f.models, strict=True):
         assert raw["resources"]["num_gpus"] == min(p.num_gpus for p in plan.for_model(spec.name))
+
+
+QWEN_SLOT_BF16 = 20_185_088  # footprint.lora_slot_bytes(Qwen3-0.6B, rank 16, bfloat16)
+
+
+def test_a_model_with_adapters_budgets_its_lora_slots_on_the_gpu():
+    plain = model("q", "hf://Qwen/Qwen3-0.6B", 1, max_model_len=4096)
+    lora = {**plain, "name": "ql", "adapters": [{"name": "ql-sql", "source": "hf://someone/qwen3-sql-lora"}]}
+    plan = planner.make_plan(fleet(plain, lora), planner.parse_gpus("1xH100-80GB"))
+    (p,), (pl,) = plan.for_model("q"), plan.for_model("ql")
+    assert p.budget.lora == 0
+    # max_loras 4 (derived) x one slot at max_lora_rank 16 in the checkpoint's bf16; no host cache on a GPU
+    assert pl.budget.lora == 4 * QWEN_SLOT_BF16 == 80_740_352
+    assert pl.budget.base == p.budget.base + pl.budget.lora
+    assert pl.num_gpus * 80e9 >= pl.budget.total  # the share holds the slots too
+    table = planner.render_table(plan).splitlines()
+    header = table[0].split()
+    assert header[header.index("WEIGHTS") + 1] == "LORA"
+    assert "0.08 GB" in table[2] and " - " in table[1]
+
+
+def test_tensor_parallel_splits_the_lora_slots_and_engine_settings_size_them():
+    tp = {**model("q", "hf://Qwen/Qwen3-0.6B", 1, max_model_len=4096, tensor_parallel_size=2, max_loras=2,
+                  max_lora_rank=32),
+          "adapters": [{"name": "q-sql", "source": "hf://someone/qwen3-sql-lora"}]}
+    (p,) = planner.make_plan(fleet(tp), planner.parse_gpus("2xL4-24GB")).placements
+    assert p.budget.lora == 2 * 2 * QWEN_SLOT_BF16 // 2  # 2 slots at rank 32, half on each GPU
