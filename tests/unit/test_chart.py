@@ -41,7 +41,8 @@ BUILTIN_GROUPS = {"v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "rbac.au
 
 def test_every_ci_scenario_is_present():
     names = {p.name for p in CI_VALUES}
-    assert {"dev-cpu-values.yaml", "gpu-values.yaml", "multi-model-values.yaml", "all-on-values.yaml"} <= names
+    assert {"dev-cpu-values.yaml", "gpu-values.yaml", "multi-model-values.yaml", "all-on-values.yaml",
+            "adapters-values.yaml"} <= names
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -289,9 +290,93 @@ def test_dev_cpu_scenario_has_only_a_cpu_group_and_the_cpu_image():
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+def test_adapters_scenario_puts_adapters_in_user_config_only():
+    """Adapters reach the replicas and the gateway as deployments[].user_config, never in args
+    (Serve hashes args into the code version: an adapter there would restart every replica)."""
+    doc = next(d for d in helm_template([CHART / "ci" / "adapters-values.yaml"]) if d["kind"] == "RayService")
+    main, lane = json.loads(doc["spec"]["serveConfigV2"])["applications"]
+    assert "adapters" not in json.dumps(main["args"]) + json.dumps(lane["args"])
+    qwen, llama = main["args"]["models"]
+    # Derived LoRA engine arguments: enable_lora, rank 16 (the chart reads no adapter folder)
+    # unless the fleet sets it, 4 adapters per batch, 32 kept in host memory.
+    assert qwen["engine"] == {"max_model_len": 8192, "gpu_memory_utilization": 0.9, "enable_lora": True,
+                              "max_lora_rank": 16, "max_loras": 4, "max_cpu_loras": 32}
+    assert llama["engine"]["max_lora_rank"] == 32 and llama["engine"]["enable_lora"] is True
+    overrides = {d["name"]: d["user_config"]["adapters"] for d in main["deployments"]}
+    assert overrides == {
+        "gateway": [
+            {"name": "team-a-sql", "base": "qwen2.5-7b-instruct", "limits": {"max_tokens": 512, "max_n": 1}},
+            {"name": "team-b-support", "base": "qwen2.5-7b-instruct", "limits": None},
+            {"name": "team-c-ticket-triage", "base": "llama-3.2-1b-instruct", "limits": None},
+        ],
+        "model-qwen2-5-7b-instruct-1c744e": [
+            {"name": "team-a-sql", "source": "hf://acme-ml/qwen2.5-7b-team-a-sql-lora@v3",
+             "limits": {"max_tokens": 512, "max_n": 1}},
+            {"name": "team-b-support", "source": "hf://acme-ml/qwen2.5-7b-team-b-support-lora"},
+        ],
+    }
+    assert lane["deployments"] == [{"name": "model-llama-3-2-1b-instruct-42ab40", "user_config": {"adapters": [
+        {"name": "team-c-ticket-triage", "source": "hf://acme-ml/llama-3.2-1b-team-c-ticket-triage-lora"}]}}]
+    # vLLM downloads hf:// adapters on the replica with the token from the Secret.
+    cluster = doc["spec"]["rayClusterConfig"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+
+
+def test_changing_adapters_changes_only_user_config():
+    """An adapter added to a model that has adapters (LoRA already on), a limit changed, one
+    removed: serveConfigV2 differs only in deployments[].user_config, so KubeRay applies it to
+    the running cluster and Serve reconfigures the replicas instead of replacing them."""
+    base = yaml.safe_load((CHART / "ci" / "adapters-values.yaml").read_text())
+    changed = copy.deepcopy(base)
+    qwen, llama = changed["fleet"]["models"]
+    qwen["adapters"].append({"name": "team-d-summaries", "source": "hf://acme-ml/qwen2.5-7b-team-d-lora"})
+    qwen["adapters"][0]["limits"] = {"max_tokens": 1024}
+    llama["adapters"] = [{"name": "team-c-ticket-triage-v2", "source": "hf://acme-ml/llama-3.2-1b-team-c-lora@v2"}]
+
+    def rendered(values):
+        doc = next(d for d in helm_template(set_json={"fleet": values["fleet"]}) if d["kind"] == "RayService")
+        return doc, json.loads(doc["spec"]["serveConfigV2"])
+
+    (before_doc, before), (after_doc, after) = rendered(base), rendered(changed)
+    assert before_doc["spec"]["rayClusterConfig"] == after_doc["spec"]["rayClusterConfig"]
+    for old, new in zip(before["applications"], after["applications"], strict=True):
+        assert {k: v for k, v in old.items() if k != "deployments"} == {k: v for k, v in new.items()
+                                                                         if k != "deployments"}
+        assert [d["name"] for d in old["deployments"]] == [d["name"] for d in new["deployments"]]
+        assert all(set(d) == {"name", "user_config"} for d in new["deployments"])
+    assert before != after
+    # The first adapter of a model does change args (LoRA engine arguments: a restart).
+    first = copy.deepcopy(base)
+    first["fleet"]["models"].append({"name": "phi-4-mini", "source": "hf://microsoft/Phi-4-mini-instruct"})
+    second = copy.deepcopy(first)
+    second["fleet"]["models"][2]["adapters"] = [{"name": "team-e-code", "source": "hf://acme-ml/phi-4-team-e-lora"}]
+    args = [rendered(v)[1]["applications"][0]["args"]["models"][2] for v in (first, second)]
+    assert "engine" not in args[0] and args[1]["engine"]["enable_lora"] is True
+
+
 # ----------------------------------------------------------------------------- bad values
 
 GOOD_MODEL = {"name": "m", "source": "hf://org/m"}
+GOOD_ADAPTER = {"name": "team-a-sql", "source": "hf://org/m-team-a-sql-lora"}
+
+
+def test_values_schema_takes_adapters_and_refuses_an_unknown_adapter_field():
+    """Adapters are part of the generated fleet schema: name, source and limits, nothing else."""
+    values_schema = json.loads((CHART / "values.schema.json").read_text())
+    adapters = [{**GOOD_ADAPTER, "limits": {"max_tokens": 512, "max_n": 1}},
+                {"name": "team-b-support", "source": "hf://org/m-team-b-lora@v2"}]
+    good = {"fleet": {"models": [{**GOOD_MODEL, "adapters": adapters}]}}
+    jsonschema.Draft7Validator(values_schema).validate(good)
+    for bad_adapter, word in [({**GOOD_ADAPTER, "rank": 8}, "rank"),
+                              ({**GOOD_ADAPTER, "limits": {"max_token": 5}}, "max_token"),
+                              ({"name": "team-a-sql"}, "source")]:
+        bad = {"fleet": {"models": [{**GOOD_MODEL, "adapters": [bad_adapter]}]}}
+        with pytest.raises(jsonschema.ValidationError, match=word):
+            jsonschema.Draft7Validator(values_schema).validate(bad)
+    # Helm itself takes them (the adapters scenario lints; the refusals are in the table below).
+    assert helm_lint([CHART / "ci" / "adapters-values.yaml"]).returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -310,9 +395,15 @@ GOOD_MODEL = {"name": "m", "source": "hf://org/m"}
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"workers": {"gpu": {"cpusPerGpu": 0}}}, "cpusPerGpu"),
         ({"replicaCount": 3}, "replicaCount"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "adapters": [{**GOOD_ADAPTER, "rank": 8}]}]}},
+         "additional properties 'rank' not allowed"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "adapters": [{"name": "team-a-sql"}]}]}}, "source"),
+        ({"fleet": {"models": [{**GOOD_MODEL, "adapters": [{**GOOD_ADAPTER, "limits": {"max_tokens": 0}}]}]}},
+         "max_tokens"),
     ],
     ids=["tp-two", "no-name", "unknown-model-field", "negative-min", "bad-policy", "gpu-util>1", "no-models",
-         "bad-engine", "bad-pull-policy", "zero-cpus", "unknown-top-key"],
+         "bad-engine", "bad-pull-policy", "zero-cpus", "unknown-top-key", "unknown-adapter-field",
+         "adapter-without-source", "adapter-limit-0"],
 )
 def test_bad_values_fail_lint_and_template(tmp_path, values, message):
     bad = tmp_path / "bad-values.yaml"
