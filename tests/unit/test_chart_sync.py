@@ -87,6 +87,25 @@ def test_dev_cpu_serve_config_builds_cpu_replicas(monkeypatch):
     assert next(p for p in peers if p["name"] == "smollm2-135m-instruct")["autoscaling"]["max_replicas"] == 2
 
 
+def test_adapters_serve_config_overrides_only_deployments_its_applications_have(monkeypatch):
+    """Serve refuses a deployments override naming a deployment its application does not
+    build: every user_config the chart renders lands on one, and the replicas start with
+    LoRA on (the derived engine arguments are in args) but no adapter (they come by user_config)."""
+    doc = next(d for d in helm_template([CHART / "ci" / "adapters-values.yaml"]) if d["kind"] == "RayService")
+    apps = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    deployments = build(doc["spec"]["serveConfigV2"], monkeypatch, "gpu")
+    for app in apps:
+        built = {name for name, d in deployments.items() if d.app_name == app["name"]}
+        assert {o["name"] for o in app["deployments"]} <= built, app["name"]
+    from orchestrator.app import deployment_name
+
+    for model in ("qwen2.5-7b-instruct", "llama-3.2-1b-instruct"):
+        init = deployments[deployment_name(model)].init_args[0]
+        assert init["engine"]["enable_lora"] is True and init["engine"]["max_loras"] == 4, model
+        assert "adapters" not in init, model
+    assert deployments[deployment_name("llama-3.2-1b-instruct")].app_name == "slm-lane-llama-3.2-1b-instruct"
+
+
 # ----------------------------------------------------------------------------- sync
 
 
@@ -120,12 +139,22 @@ def test_undocumented_value_is_reported(tmp_path):
     assert missing == ["b", "b.d"]  # b: a section without its heading comment; b.d: no description
 
 
+def hub_adapters_only(data: dict) -> None:
+    """The chart cannot read adapter folders (it derives max_lora_rank 16 where `slm render`
+    reads a local adapter's rank), so the fleets compared here name hub adapters only."""
+    for model in data["models"]:
+        for adapter in model.get("adapters") or ():
+            assert adapter["source"].startswith("hf://"), adapter
+
+
 @pytest.mark.parametrize("fleet_file", [CHART / "values.yaml", REPO / "examples" / "fleet-gpu.yaml",
-                                        CHART / "ci" / "multi-model-values.yaml"], ids=lambda p: p.name)
+                                        CHART / "ci" / "multi-model-values.yaml",
+                                        CHART / "ci" / "adapters-values.yaml"], ids=lambda p: p.name)
 def test_slm_render_matches_the_chart(fleet_file):
     """`slm render --format rayservice` and the chart (default values) give the same RayService."""
     data = yaml.safe_load(fleet_file.read_text())
     data = data.get("fleet", data)
+    hub_adapters_only(data)
     from orchestrator.spec import parse_fleet
 
     ours = render.rayservice(parse_fleet(data), data, render.ClusterOptions(name="slm"))
@@ -167,6 +196,70 @@ def test_fast_lane_applications_match_between_the_chart_and_slm_render():
     assert lanes == [(f"slm-lane-org-tiny-v1-{digest}", f"/models/org-tiny-v1-{digest}", "org/tiny:v1"),
                      ("slm-lane-plain", "/models/plain", "plain")]
     assert lane_route_prefix("org/tiny:v1") == f"/models/org-tiny-v1-{digest}"
+
+
+def _applications(data: dict) -> tuple[list, list]:
+    """serveConfigV2's applications from `slm render` and from the chart, for one fleet."""
+    from orchestrator.spec import parse_fleet
+
+    ours = json.loads(render.rayservice(parse_fleet(data), data, render.ClusterOptions(name="slm"))["spec"][
+        "serveConfigV2"])["applications"]
+    chart_doc = next(d for d in helm_template(set_json={"fleet": data, "fullnameOverride": "slm"})
+                     if d["kind"] == "RayService")
+    return ours, json.loads(chart_doc["spec"]["serveConfigV2"])["applications"]
+
+
+def test_adapter_applications_match_between_the_chart_and_slm_render():
+    """The corners of moving adapters into user_config and deriving LoRA engine arguments:
+    limits unset, null, empty or with null fields; engine setting some LoRA arguments (a
+    max_loras above the CPU cache raises it), all of them, or none; more adapters than the
+    default CPU cache; an empty adapter list; names the deployment slug hashes; fast lanes."""
+    many = [{"name": f"tenant-{i:02d}", "source": f"hf://acme-ml/tenant-{i:02d}-lora"} for i in range(40)]
+    data = {"models": [
+        {"name": "org/base:v1", "source": "hf://org/base", "engine": {"max_loras": 64, "max_model_len": 4096},
+         "adapters": [
+             {"name": "team-a-sql", "source": "hf://acme-ml/team-a-sql@v2", "limits": {"max_tokens": 256}},
+             {"name": "team-b-chat", "source": "hf://acme-ml/team-b-chat", "limits": None},
+             {"name": "team-b-chat-empty", "source": "hf://acme-ml/team-b-chat", "limits": {}},
+             {"name": "team-b-chat-nulls", "source": "hf://acme-ml/team-b-chat",
+              "limits": {"max_tokens": None, "max_n": 2}},
+         ]},
+        {"name": "all-set", "source": "hf://org/all-set", "adapters": [{"name": "x-1", "source": "hf://o/x-1"}],
+         "engine": {"enable_lora": True, "max_lora_rank": 64, "max_loras": 2, "max_cpu_loras": 8}},
+        {"name": "tenants", "source": "hf://org/tenants", "adapters": many},
+        {"name": "lane.1", "source": "hf://org/lane", "fast_lane": True, "engine": {"max_lora_rank": 128},
+         "adapters": [{"name": "lane-adapter", "source": "hf://o/lane-adapter", "limits": {"max_n": 1}}]},
+        {"name": "plain-lane", "source": "hf://org/plain-lane", "fast_lane": True},
+        {"name": "no-adapters", "source": "hf://org/none", "adapters": []},
+        {"name": "never-had", "source": "hf://org/never"},
+    ]}
+    hub_adapters_only(data)
+    ours, theirs = _applications(data)
+    assert ours == theirs
+    models = {m["name"]: m for m in ours[0]["args"]["models"]}
+    assert models["org/base:v1"]["engine"]["max_cpu_loras"] == 64
+    assert models["tenants"]["engine"]["max_cpu_loras"] == 40
+    assert models["all-set"]["engine"] == {"enable_lora": True, "max_lora_rank": 64, "max_loras": 2,
+                                           "max_cpu_loras": 8}
+    assert "engine" not in models["no-adapters"] and "engine" not in models["never-had"]
+    assert [len(a["deployments"]) for a in ours] == [1 + 5, 1, 1]  # gateway + the five models outside a lane
+
+
+def test_chart_cannot_read_a_local_adapter_rank(tmp_path):
+    """`slm render` reads a local adapter's rank (here 64) and derives max_lora_rank from it; the
+    chart cannot and derives 16: a fleet with such adapters sets engine.max_lora_rank (the
+    chart README says so), and then both agree."""
+    folder = tmp_path / "team-a-sql"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 64, "lora_alpha": 128, "target_modules": ["q_proj", "v_proj"]}))
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    model = {"name": "base", "source": "hf://org/base", "adapters": [{"name": "team-a-sql", "source": str(folder)}]}
+    ours, theirs = _applications({"models": [model]})
+    assert ours[0]["args"]["models"][0]["engine"]["max_lora_rank"] == 64
+    assert theirs[0]["args"]["models"][0]["engine"]["max_lora_rank"] == 16
+    ours, theirs = _applications({"models": [{**model, "engine": {"max_lora_rank": 64}}]})
+    assert ours == theirs
 
 
 def test_k8s_manifests_are_generated_from_the_chart():
