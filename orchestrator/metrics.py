@@ -19,7 +19,9 @@ Gateway-side (defined here, one registry per gateway process):
 * ``slm_admission_rejected_total{model}``: quick 503s while a model's queue is past its bound;
 * ``slm_admission_queue_estimated{model}``: 1 while admission control counts from the gateway
   replica's own in-flight requests because the fleet state is unavailable or stale, and
-  ``slm_fleet_state_errors_total``: failed reads of the fleet-state actor.
+  ``slm_fleet_state_errors_total``: failed reads of the fleet-state actor;
+* ``slm_adapter_replicas{model,adapter,state}``: gauge, a LoRA adapter's live replicas by its
+  state there (``loaded``, ``failed``, ``loading``), as ``/fleet`` shows them.
 
 Defined elsewhere, in the process that records them, and exposed by the same ``/metrics``:
 ``slm_router_picks_total{model,replica,policy}`` and ``slm_router_spills_total{model,policy}``
@@ -99,6 +101,10 @@ class GatewayMetrics:
         self.spec_acceptance = Gauge(
             "slm_spec_decode_acceptance_rate", "Speculative decoding: accepted / drafted tokens.", ["model"],
             registry=self.registry,
+        )
+        self.adapter_replicas = Gauge(
+            "slm_adapter_replicas", "LoRA adapters: the model's live replicas by the adapter's state there "
+            "(loaded, failed, loading).", ["model", "adapter", "state"], registry=self.registry,
         )
         self.spec_tokens_per_step = Gauge(
             "slm_spec_decode_accepted_tokens_per_step",

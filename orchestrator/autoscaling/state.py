@@ -4,7 +4,8 @@ The autoscaling policy runs inside Ray Serve's controller, the gateway in its ow
 A small named actor (no CPU reserved) carries what the policy saw and decided, so ``GET
 /fleet``, ``slm status`` and ``/metrics`` can show queue depth and the last decision with
 its reason. Model replicas also push their vLLM metrics here every few seconds, so the
-gateway's ``/metrics`` covers every replica, not only the one a handle call reaches.
+gateway's ``/metrics`` covers every replica, not only the one a handle call reaches, and
+their LoRA adapters' states (``record_adapters``), which ``/fleet`` shows per adapter.
 Losing the actor loses only that view: the gateway recreates it and the policy and
 replicas find it again on their next report.
 """
@@ -21,6 +22,8 @@ NAMESPACE = "serve"
 ENGINE_METRICS_PUSH_S = 1.0
 ENGINE_METRICS_IDLE_PUSH_S = 5.0  # an idle replica's metrics do not change: a heartbeat only
 ENGINE_METRICS_MAX_AGE_S = 15.0  # then the replica is gone (or stuck)
+# A replica reports its adapters after each change and every 30 s; an older report is dropped.
+ADAPTER_REPORT_MAX_AGE_S = 120.0
 
 
 def actor_name(app_name: str) -> str:
@@ -35,6 +38,7 @@ class FleetState:
         self._engine_metrics: dict[str, tuple[float, str]] = {}
         self._start_failures: dict[str, dict[str, Any]] = {}
         self._memory: dict[str, dict[str, Any]] = {}
+        self._adapters: dict[str, tuple[float, str, dict[str, dict[str, Any]]]] = {}  # replica -> (at, model, states)
 
     def record(self, model: str, snapshot: dict[str, Any]) -> None:
         snapshot = dict(snapshot)
@@ -48,6 +52,33 @@ class FleetState:
             out.setdefault(model, {})["start_failure"] = failure
         for model, memory in self._memory.items():
             out.setdefault(model, {})["memory"] = memory
+        for model, reports in self.adapter_reports().items():
+            out.setdefault(model, {})["adapter_reports"] = reports
+        return out
+
+    def record_adapters(self, replica_id: str, model: str, states: dict[str, dict[str, Any]]) -> None:
+        """A replica's LoRA adapter states, after each change and as a heartbeat: adapter name ->
+        ``{"state": "loaded"|"failed"|"loading", "reason", "rank", "size_bytes", "source", "at"}``
+        (``at``: when the adapter reached that state). Replaces the replica's previous report."""
+        if not isinstance(states, dict):
+            raise TypeError(f"record_adapters: states is a {type(states).__name__}, not a dict")
+        kept = {str(name): dict(s) for name, s in states.items() if isinstance(s, dict)}
+        self._adapters[str(replica_id)] = (time.time(), str(model), kept)
+
+    def adapter_reports(self, max_age_s: float = ADAPTER_REPORT_MAX_AGE_S) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per model, per replica: its last adapter report (``states``), ``age_s`` since it came,
+        and ``seen_s`` since the replica was last heard from at all (an adapter report or an
+        engine-metrics push, at least every few seconds while it runs). Reports over
+        ``max_age_s`` old are dropped (the replica left)."""
+        now = time.time()
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for replica, (at, model, states) in list(self._adapters.items()):
+            if now - at > max_age_s:
+                del self._adapters[replica]
+                continue
+            seen = max(at, self._engine_metrics.get(replica, (0.0, ""))[0])
+            out.setdefault(model, {})[replica] = {"states": {n: dict(s) for n, s in states.items()},
+                                                  "age_s": now - at, "seen_s": now - seen}
         return out
 
     def record_start(self, model: str, failure: dict[str, Any] | None, memory: dict[str, Any] | None = None) -> None:

@@ -7,6 +7,10 @@ Request paths never wait on the control plane: a background task refreshes the v
 read (its actor gone or slow), admission control counts from this gateway replica's own
 in-flight requests instead (``queue_estimate``), logs it once and sets
 ``slm_admission_queue_estimated``, rather than reading an empty queue and admitting all.
+
+LoRA adapters: each model replica reports its adapters' states to the fleet-state actor
+(after each change and every 30 s); the snapshot the refresh reads carries them, and
+``/fleet`` folds them per adapter over the model's live replicas (``adapter_views``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ STATUS_READ_TIMEOUT_S = 10.0
 STARTING_STATES = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 # Serve's router for a deployment that is an ingress behind HAProxy (it refuses a custom one).
 SERVE_DEFAULT_ROUTER = "serve-default"
+# A replica's adapter report older than this no longer counts (it reports every 30 s).
+ADAPTER_REPORT_MAX_AGE_S = 120.0
+ADAPTER_STATES = ("loaded", "failed", "loading")
 
 
 class FleetView:
@@ -55,6 +62,11 @@ class FleetView:
         self._refresher: asyncio.Future | None = None
         self._refresh_started: float | None = None
         self._status_read: asyncio.Future | None = None
+        # Adapter name -> its base model, from the gateway's user_config (set_adapters); None:
+        # not told, the fleet's own adapters and what the replicas report are shown.
+        self._adapter_bases: dict[str, str] | None = None
+        self._adapter_static: dict[str, dict[str, Any]] | None = None
+        self._adapter_gauges: set[tuple[str, str, str]] = set()
 
     # -- background refresh -----------------------------------------------------------
 
@@ -281,11 +293,14 @@ class FleetView:
         """``/fleet``'s models."""
         if self._static is None:
             self._static = await asyncio.to_thread(self._describe_models)
+        if self._adapter_static is None:
+            self._adapter_static = await asyncio.to_thread(self._describe_adapters)
         speculating = any(m.speculative for m in self.fleet.models)
         if engine_texts is None and speculating:
             engine_texts = await self.engine_metrics()
         spec_totals = spec_decode_totals(engine_texts or []) if speculating else {}
         states, scaler = await asyncio.gather(self.replica_states(), self.autoscaler_state())
+        read_age = time.monotonic() - self._state[0] if self._state else 0.0
         views = []
         for m in self.fleet.models:
             s = states.get(m.name, {})
@@ -324,8 +339,88 @@ class FleetView:
                 "footprint": {**(static.get("footprint") or {}),
                               **self.kv_view(m, static.get("footprint"), snap.get("memory"))},
                 "speculative": self._speculative_view(m, spec_totals.get(m.name, {})),
+                "adapters": self.adapter_views(m, snap.get("adapter_reports") or {}, running + starting +
+                                               s.get("STOPPING", 0), read_age),
             })
         return views
+
+    # -- LoRA adapters ------------------------------------------------------------------
+
+    def set_adapters(self, entries: list[dict[str, Any]]) -> None:
+        """The fleet's adapters as the gateway's user_config lists them (``[{"name", "base",
+        ...}]``): what ``/fleet`` shows for each model from now on."""
+        self._adapter_bases = {str(e["name"]): str(e["base"]) for e in entries}
+
+    def _describe_adapters(self) -> dict[str, dict[str, Any]]:
+        """Source, rank and size of the adapters in the fleet spec, read from local folders."""
+        from orchestrator import adapters
+
+        out = {}
+        for m in self.fleet.models:
+            for a in m.adapters:
+                try:
+                    info = adapters.adapter_info(a.source)
+                except Exception as e:  # noqa: BLE001 - the replicas report what they found
+                    log.debug("no adapter info for %s: %r", a.name, e)
+                    info = None
+                out[a.name] = {"source": a.source, "rank": info.rank if info else None,
+                               "size_bytes": info.size_bytes if info else None}
+        return out
+
+    def adapter_views(self, m: ModelSpec, reports: dict[str, dict[str, Any]], live: int,
+                      read_age_s: float = 0.0) -> list[dict[str, Any]]:
+        """``/fleet``'s adapters of model ``m`` from its replicas' ``reports`` (the fleet
+        state's ``adapter_reports``: replica -> {"states", "age_s", "seen_s"}), counting only
+        reports under ``ADAPTER_REPORT_MAX_AGE_S`` old from the ``live`` replicas Serve has of
+        the model (running, starting, draining): the ones heard from most recently, so a
+        replica that left drops out once its successor reports.
+
+        Per adapter: ``state`` "loaded" when every live replica that reported has it loaded,
+        "failed" when one failed it (``reason``: why), "loading" otherwise ("idle" with no
+        replica running); ``replicas``: how many replicas have it loaded, failed, loading."""
+        fresh = [(r, rep) for r, rep in reports.items()
+                 if float(rep.get("age_s", 0.0)) + read_age_s <= ADAPTER_REPORT_MAX_AGE_S]
+        fresh.sort(key=lambda x: (float(x[1].get("seen_s", x[1].get("age_s", 0.0))), x[0]))
+        counted = sorted(fresh[:max(0, live)])
+        if self._adapter_bases is not None:
+            names = [n for n, base in self._adapter_bases.items() if base == m.name]
+        else:
+            names = [a.name for a in m.adapters]
+            names += sorted({n for _, rep in counted for n in rep.get("states") or {}} - set(names))
+        static = self._adapter_static or {}
+        views = []
+        for name in names:
+            known = dict(static.get(name) or {"source": None, "rank": None, "size_bytes": None})
+            counts = dict.fromkeys(ADAPTER_STATES, 0)
+            reason = None
+            for _, rep in counted:
+                state = (rep.get("states") or {}).get(name)
+                if state is None:  # not told of it yet (its reconfigure is on the way)
+                    counts["loading"] += 1
+                    continue
+                kind = state.get("state") if state.get("state") in ADAPTER_STATES else "loading"
+                counts[kind] += 1
+                if kind == "failed" and reason is None:
+                    reason = state.get("reason") or "failed to load"
+                for key in ("source", "rank", "size_bytes"):
+                    if state.get(key) is not None:
+                        known[key] = state[key]  # what the replica loaded
+            if counts["failed"]:
+                overall = "failed"
+            elif counted and counts["loaded"] == len(counted):
+                overall = "loaded"
+            else:
+                overall = "loading" if live > 0 else "idle"
+            views.append({"name": name, **known, "state": overall, "reason": reason, "replicas": counts})
+        return views
+
+    def _export_adapter_gauges(self, model: str, views: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        exported = set()
+        for view in views:
+            for state in ADAPTER_STATES:
+                self.metrics.adapter_replicas.labels(model, view["name"], state).set(view["replicas"][state])
+                exported.add((model, view["name"], state))
+        return exported
 
     @staticmethod
     def _speculative_view(m: ModelSpec, totals: dict[str, float]) -> dict[str, Any] | None:
@@ -348,6 +443,7 @@ class FleetView:
         from prometheus_client import generate_latest
 
         engine_texts = await self.engine_metrics()
+        exported: set[tuple[str, str, str]] = set()
         for view in await self.models(engine_texts):
             name = view["name"]
             spec = view.get("speculative") or {}
@@ -359,6 +455,10 @@ class FleetView:
                 self.metrics.replicas.labels(name, state).set(view["replicas"][state])
             for direction, count in view["autoscaling"]["decisions"].items():
                 self.metrics.decisions.set(name, direction, count)
+            exported |= self._export_adapter_gauges(name, view["adapters"])
+        for labels in self._adapter_gauges - exported:  # an adapter that left the fleet
+            self.metrics.adapter_replicas.remove(*labels)
+        self._adapter_gauges = exported
         parts = [generate_latest(self.metrics.registry).decode(), generate_latest(router_registry).decode()]
         parts.append(merge_exposition(engine_texts))
         return "".join(parts)
