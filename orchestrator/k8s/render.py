@@ -1,10 +1,13 @@
 """Render a fleet as a Ray Serve config or a complete KubeRay RayService.
 
 The Serve config names the same builder ``slm serve`` runs (``orchestrator.app:build_app``)
-and passes the fleet, as written, as the application's ``args``; nothing about the models
-is translated here. The RayService around it sizes a head group and worker groups from the
-fleet: one GPU worker group per (GPUs per replica, GPU type), whose pods carry
-``nvidia.com/gpu`` = the model's ``tensor_parallel_size``, and one CPU group for CPU models.
+and passes the fleet, as written, as the application's ``args``, except LoRA adapters: they
+go into the applications' ``deployments[].user_config`` (so changing them reconfigures
+running replicas), and the LoRA engine arguments they call for into ``args``
+(``orchestrator.app.applications``). Nothing else about the models is translated here.
+The RayService around it sizes a head group and worker groups from the fleet: one GPU
+worker group per (GPUs per replica, GPU type), whose pods carry ``nvidia.com/gpu`` = the
+model's ``tensor_parallel_size``, and one CPU group for CPU models.
 Ray's autoscaler adds and removes those pods as Serve adds and removes replicas.
 
 The Helm chart (``helm/slm-orchestrator``) renders the same RayService from its values; a

@@ -18,6 +18,7 @@ import yaml
 from orchestrator import cli
 from orchestrator.k8s import apply as k8s_apply
 from orchestrator.k8s import render
+from orchestrator.names import deployment_name
 from orchestrator.spec import load_fleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,6 +144,25 @@ def test_render_serve_config_names_the_builder_and_passes_the_fleet_as_written(c
     assert app["import_path"] == "orchestrator.app:build_app"
     assert app["args"] == yaml.safe_load(GPU_FLEET.read_text())
     assert config["http_options"]["port"] == 8000
+
+
+def test_render_serve_config_puts_adapters_in_user_config(tmp_path, capsys):
+    fleet = {"models": [{"name": "qwen3-1.7b", "source": "hf://Qwen/Qwen3-1.7B",
+                         "adapters": [{"name": "team-a-sql", "source": "hf://acme-ml/qwen3-team-a-sql-lora",
+                                       "limits": {"max_tokens": 512}}]}]}
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet))
+    assert cli.main(["render", "-f", str(path), "--format", "serve-config"]) == 0
+    (app,) = yaml.safe_load(capsys.readouterr().out)["applications"]
+    (model,) = app["args"]["models"]
+    assert "adapters" not in model
+    assert model["engine"] == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 4, "max_cpu_loras": 32}
+    assert app["deployments"] == [
+        {"name": "gateway", "user_config": {"adapters": [
+            {"name": "team-a-sql", "base": "qwen3-1.7b", "limits": {"max_tokens": 512}}]}},
+        {"name": deployment_name("qwen3-1.7b"), "user_config": {"adapters": [
+            {"name": "team-a-sql", "source": "hf://acme-ml/qwen3-team-a-sql-lora", "limits": {"max_tokens": 512}}]}},
+    ]
 
 
 def test_render_rayservice_is_complete(capsys):
