@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from orchestrator import ray_compat, runtime_env
-from orchestrator.names import APP_NAME, deployment_name, model_app
+from orchestrator.names import deployment_name, model_app
 from orchestrator.spec import FleetSpec, FleetValidationError, demo_fleet_path, load_fleet
 
 EXIT_BAD_INPUT = 2
@@ -166,29 +166,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stderr = TracebackFolder(sys.stderr, ray_compat.ray_logs_dir())
     import ray
     from ray import serve
-    from ray.serve.api import RunTarget
 
-    from orchestrator.app import applications, build_app, build_lane_app
+    from orchestrator.app import applications, log_lora_choices
 
     runtime_env.start_ray(fleet, _say)
 
-    stop = {"now": False}
+    stop = {"now": False, "reload": False}
 
     def on_signal(signum, _frame):
         stop["now"] = True
 
+    def on_hangup(signum, _frame):
+        stop["reload"] = True
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         serve.start(http_options={"host": host, "port": port})
         names = {m.name: (model_app(m.name, m.fast_lane), deployment_name(m.name)) for m in fleet.models}
+        log_lora_choices(fleet, _say)
         apps = applications(fleet.model_dump(mode="json"))
-        builders = {APP_NAME: build_app}
-        serve.run_many(
-            [RunTarget(target=builders.get(a["name"], build_lane_app)(a["args"]), name=a["name"],
-                       route_prefix=a["route_prefix"]) for a in apps],
-            wait_for_applications_running=False,
-        )
+        # Declarative, as KubeRay deploys: a re-applied fleet whose adapters changed only
+        # reconfigures the running replicas (see ray_compat.deploy_applications).
+        ray_compat.deploy_applications(apps)
         _say(f"deploying {len(fleet.models)} models (engines take ~30 s each to start)")
         started = time.monotonic()
         last = ""
@@ -216,8 +217,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _say(f"gateway at http://{shown}:{port}/v1 (models: {', '.join(names)}); Ctrl-C to stop")
             for a in apps[1:]:
                 _say(f"fast lane of {a['args']['model']} at http://{shown}:{port}{a['route_prefix']}/v1")
+            _say(f"send SIGHUP (kill -HUP {os.getpid()}) to re-read {origin} and apply what changed")
         while not stop["now"]:
             time.sleep(0.5)
+            if stop["reload"]:
+                stop["reload"] = False
+                fleet = _reload(origin, fleet) or fleet
         _say("shutting down")
         return 0
     finally:
@@ -225,6 +230,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _reload(origin: str, current: FleetSpec) -> FleetSpec | None:
+    """SIGHUP: re-read the fleet file and apply it. Changed adapters are loaded and unloaded on
+    the running replicas (no restart); other changes redeploy as Serve decides. A file that
+    does not validate changes nothing (its errors are printed)."""
+    from orchestrator.app import applications, log_lora_choices
+
+    try:
+        fleet = load_fleet(origin)
+        resolve_sources(fleet, origin)
+    except FleetValidationError as e:
+        _say(f"SIGHUP: {origin} not applied, the running fleet is unchanged:")
+        for line in str(e).splitlines():
+            _say(f"  {line}")
+        return None
+    before = {a.name: a.source for m in current.models for a in m.adapters}
+    after = {a.name: a.source for m in fleet.models for a in m.adapters}
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    replaced = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+    log_lora_choices(fleet, _say)
+    ray_compat.deploy_applications(applications(fleet.model_dump(mode="json")))
+    parts = [f"{what} {', '.join(names)}" for what, names in (("added", added), ("removed", removed),
+                                                               ("replaced", replaced)) if names]
+    _say(f"SIGHUP: applied {origin}" + (f"; adapters {'; '.join(parts)}" if parts else ""))
+    return fleet
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -343,7 +375,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps([{
             "model": p.model, "replica": p.replica + 1, "node": p.node, "gpu_type": plan.nodes[p.node].gpu_type,
             "gpus": p.gpu_indices, "num_gpus": p.num_gpus, "gpu_memory_utilization": p.gpu_memory_utilization,
-            "weight_bytes": int(p.budget.weights), "kv_floor_bytes": int(p.budget.floor),
+            "weight_bytes": int(p.budget.weights), "lora_bytes": int(p.budget.lora),
+            "kv_floor_bytes": int(p.budget.floor),
             "kv_target_bytes": int(p.budget.target), "kv_bytes": int(p.budget.kv), "kv_tokens": p.budget.kv_tokens,
             "full_sequences": round(p.budget.full_sequences, 2), "max_model_len": p.budget.max_model_len,
             "budget_bytes": int(p.budget.total), "parameters": p.budget.parameters,

@@ -125,6 +125,13 @@ class NoReadyReplica(RetryLater):
     code = "model_not_ready"
 
 
+class AdapterUnavailable(RetryLater):
+    """A LoRA adapter that failed to load (its reason in the message), or is still loading."""
+
+    code = "adapter_unavailable"
+    retry_after_s = 30
+
+
 class Overloaded(RetryLater):
     """Admission control: the model's queue is past its bound; retry shortly."""
 

@@ -85,6 +85,7 @@ class BuiltDeployment:
     placement_group_bundles: list[dict[str, float]] | None
     placement_group_strategy: str | None
     init_args: tuple[Any, ...]
+    user_config: Any = None
 
 
 def build_deployments(app, app_name: str) -> list[BuiltDeployment]:
@@ -99,7 +100,8 @@ def build_deployments(app, app_name: str) -> list[BuiltDeployment]:
             num_replicas=config.num_replicas, autoscaling_config=config.autoscaling_config,
             request_router_config=config.request_router_config, ray_actor_options=d.ray_actor_options or {},
             placement_group_bundles=replica.placement_group_bundles,
-            placement_group_strategy=replica.placement_group_strategy, init_args=tuple(replica.init_args)))
+            placement_group_strategy=replica.placement_group_strategy, init_args=tuple(replica.init_args),
+            user_config=config.user_config))
     return out
 
 
@@ -115,8 +117,22 @@ def build_serve_config(applications: list[dict[str, Any]]) -> dict[str, BuiltDep
         module, attr = entry["import_path"].split(":")
         builder = getattr(importlib.import_module(module), attr)
         app = call_user_app_builder_with_args_if_necessary(builder, entry["args"])
+        overrides = {o["name"]: o for o in entry.get("deployments") or ()}
         for d in build_deployments(app, entry["name"]):
             if d.name in out:
                 raise ValueError(f"{d.name} deployed twice")
+            if "user_config" in overrides.get(d.name, {}):
+                d = dataclasses.replace(d, user_config=overrides[d.name]["user_config"])
             out[d.name] = d
     return out
+
+
+def deploy_applications(applications: list[dict[str, Any]]) -> None:
+    """Deploy serveConfigV2 application entries the declarative way, as KubeRay does (what
+    ``serve deploy`` sends). Unlike ``serve.run``, whose every call gives each deployment a new
+    random version (so every replica restarts), a declarative re-deploy with the same args
+    only calls ``reconfigure`` on running replicas when just a ``user_config`` changed."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.parse_obj({"applications": applications}))

@@ -50,14 +50,30 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, what: str, lo
 
 
 class Stack:
-    def __init__(self, url: str, log_path: Path, proc: subprocess.Popen):
+    def __init__(self, url: str, log_path: Path, proc: subprocess.Popen, fleet_path: Path | None = None):
         self.url = url
         self.log_path = log_path
         self.proc = proc
+        self.fleet_path = fleet_path
         self.returncode: int | None = None
 
     def log_tail(self, n: int = 60) -> str:
         return log_tail(self.log_path, n)
+
+    def reload(self, fleet: dict, timeout_s: float = 60) -> str:
+        """Write ``fleet`` over the stack's fleet file and send SIGHUP (what an operator does to
+        re-apply it); returns ``slm serve``'s line saying it applied the file."""
+        marker = "SIGHUP: "
+        seen = self.log_path.read_text(errors="replace").count(marker)
+        self.fleet_path.write_text(yaml.safe_dump(fleet))
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if marker in line]
+            if len(lines) > seen:
+                return lines[-1]
+            time.sleep(0.2)
+        raise StackError(f"slm serve did not apply the fleet within {timeout_s:.0f}s after SIGHUP:\n{self.log_tail()}")
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -100,7 +116,7 @@ def serve_stack(
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        stack = Stack(f"http://127.0.0.1:{port}", log_path, proc)
+        stack = Stack(f"http://127.0.0.1:{port}", log_path, proc, fleet)
         try:
             wait_ready(proc, f"{stack.url}/ready", startup_timeout_s, "slm serve", log_path, on_wait, interval_s=2)
             yield stack

@@ -33,6 +33,7 @@ from orchestrator import console_logging, errors, metrics, sources, startup, wir
 from orchestrator.engine import openai_compat, speculative, vllm_compat
 from orchestrator.engine.args import accelerator, build_vllm_args, engine_environment
 from orchestrator.engine.load import EngineLoad
+from orchestrator.engine.lora import REPORT_EVERY_S, AdapterSet
 from orchestrator.engine.streaming import coalesce, send_direct
 from orchestrator.spec import ModelSpec
 
@@ -207,6 +208,30 @@ class ModelServer:
 
     async def _init_serving(self, engine_args, frontend_args) -> None:
         self._servings = await vllm_compat.init_serving(self.engine, engine_args, frontend_args)
+        self.adapters = AdapterSet(self.spec.name, self._servings.get("models"))
+
+    # -- adapters -------------------------------------------------------------------------
+
+    async def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Serve's ``user_config`` hook: load and unload LoRA adapters live (``{"adapters":
+        [...]}``). Serve calls it on a new replica before it takes traffic, and on every
+        running replica when the deployment's user_config changes; the engine keeps running."""
+        await self.adapters.apply(config)
+        await self._report_adapters()
+
+    async def _report_adapters(self) -> None:
+        """Tell the fleet state this replica's adapter states (``/fleet`` shows them)."""
+        from orchestrator.autoscaling import state
+
+        try:
+            from ray import serve
+
+            actor = await asyncio.to_thread(state.lookup, self._fleet_app or serve.get_replica_context().app_name)
+            if actor is not None:
+                await asyncio.wait_for(actor.record_adapters.remote(self._replica_id, self.spec.name,
+                                                                    self.adapters.report()), 5)
+        except Exception as e:  # noqa: BLE001 - visibility only
+            log.debug("model %s: adapter report failed: %r", self.spec.name, e)
 
     @staticmethod
     def _make_replica_id() -> str:
@@ -231,6 +256,7 @@ class ModelServer:
     async def _run(self, endpoint: str, payload: dict[str, Any]):
         """Validate and submit a request; returns vLLM's result (response, error or generator)."""
         openai_compat.check_ranges(payload)
+        self.adapters.check(payload.get("model"))
         request = vllm_compat.parse_request(endpoint, payload)
         serving = self._serving(endpoint)
         if self._check_schemas and (schema := vllm_compat.json_schema_of(request)) is not None:
@@ -377,8 +403,12 @@ class ModelServer:
 
         actor = None
         pushed_at, pushed_started, pushed_busy = 0.0, -1, True
+        reported_at = time.monotonic()
         while True:
             await asyncio.sleep(state.ENGINE_METRICS_PUSH_S)
+            if self.adapters.states and time.monotonic() - reported_at > REPORT_EVERY_S:
+                reported_at = time.monotonic()
+                await self._report_adapters()
             self._engine_dead()  # an engine that died while idle: do not wait for the health check
             busy, started, now = self.load.in_flight > 0, self.load.started, time.monotonic()
             if (not busy and not pushed_busy and started == pushed_started

@@ -10,7 +10,9 @@ engine API is here, so a version bump is checked against this file alone:
 * a context-length check wrapped around the serving layer's request rendering (it uses
   the private ``_extract_prompt_len``);
 * vLLM's structured-output checks and its grammar compiler (xgrammar), to refuse a JSON
-  schema xgrammar accepts but cannot compile, before the engine fails on it.
+  schema xgrammar accepts but cannot compile, before the engine fails on it;
+* LoRA adapters loaded and unloaded through the serving layer's model registry
+  (``OpenAIServingModels``), as vLLM's own ``/v1/load_lora_adapter`` does.
 """
 
 from __future__ import annotations
@@ -82,7 +84,55 @@ async def init_serving(engine, engine_args, frontend_args) -> dict[str, Any]:
     for serving in (chat, completion):
         if serving is not None:
             enforce_context_limit(serving)
-    return {"chat": chat, "completions": completion, "embeddings": getattr(state, "serving_embedding", None)}
+    return {"chat": chat, "completions": completion, "embeddings": getattr(state, "serving_embedding", None),
+            "models": getattr(state, "openai_serving_models", None)}
+
+
+async def load_adapter(models, name: str, path: str) -> str | None:
+    """Load a LoRA adapter into the engine and serve it as ``name``: None, or why it failed.
+    A name already loaded is replaced (unloaded first, so the new weights get a new LoRA id)."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    if models is None:
+        return "this model has no generative serving layer"
+    if models.engine_client.vllm_config.lora_config is None:
+        return "LoRA is off on this model's engine (engine.enable_lora is false)"
+    if name in models.lora_requests:
+        await unload_adapter(models, name)
+    try:
+        result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
+    except Exception as e:  # noqa: BLE001 - a bad adapter must not take the replica down
+        return _adapter_reason(str(e) or type(e).__name__)
+    if is_error(result):
+        return _adapter_reason(result.error.message)
+    return None
+
+
+def _adapter_reason(message: str) -> str:
+    """vLLM's message about a failed adapter load, without the engine's traceback noise."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Traceback", "File ", "^"))]
+    return (useful[-1] if useful else "the adapter could not be loaded")[:400]
+
+
+async def unload_adapter(models, name: str) -> None:
+    """Stop serving ``name`` and drop its weights from the engine's adapter cache (a request
+    already running with it keeps its own reference; vLLM reloads it for that request if needed)."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    lora = models.lora_requests.get(name)
+    if lora is None:
+        return
+    await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+    try:
+        await models.engine_client.remove_lora(lora.lora_int_id)
+    except Exception:  # noqa: BLE001 - the cache evicts it anyway (LRU, max_cpu_loras)
+        pass
+
+
+def adapter_names(models) -> set[str]:
+    """The adapters the serving layer serves now."""
+    return set(models.lora_requests) if models is not None else set()
 
 
 async def run(serving, endpoint: str, request):

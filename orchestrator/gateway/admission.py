@@ -28,7 +28,7 @@ from orchestrator.gateway import auth as keys
 from orchestrator.gateway import capacity, ratelimit
 from orchestrator.gateway.audit import AuditLog
 from orchestrator.gateway.http import REQUEST_ID
-from orchestrator.spec import FleetSpec, ModelSpec
+from orchestrator.spec import FleetSpec, ModelSpec, RequestLimits
 
 log = logging.getLogger("orchestrator.gateway")
 
@@ -127,6 +127,34 @@ class Admission:
                 log.warning("audit log %s not writable here (%s): writing it to stdout", audit.path, e)
                 self.audit = AuditLog(None, audit.include_prompts)
         self._limiter = limiter
+        # Adapter name -> (its base model, its own request limits), from the gateway's user_config.
+        self.adapters: dict[str, tuple[str, RequestLimits | None]] = {}
+
+    def set_adapters(self, entries: list[dict[str, Any]]) -> None:
+        """The fleet's adapters (``[{"name", "base", "limits"}]``), replacing the previous set."""
+        adapters = {}
+        for entry in entries:
+            if self.fleet.model(entry["base"]) is None:
+                log.warning("adapter %s: its base model %s is not in this fleet; ignored", entry["name"], entry["base"])
+                continue
+            limits = RequestLimits.model_validate(entry["limits"]) if entry.get("limits") else None
+            adapters[entry["name"]] = (entry["base"], limits)
+        added, removed = sorted(set(adapters) - set(self.adapters)), sorted(set(self.adapters) - set(adapters))
+        self.adapters = adapters
+        if added or removed:
+            log.info("adapters: %d served%s%s", len(adapters), f"; added {', '.join(added)}" if added else "",
+                     f"; removed {', '.join(removed)}" if removed else "")
+
+    def resolve(self, name: str) -> tuple[ModelSpec, RequestLimits | None] | None:
+        """The model that serves ``name`` (itself, or an adapter's base) and the adapter's own
+        limits; None for a name the fleet does not serve."""
+        spec = self.fleet.model(name)
+        if spec is not None:
+            return spec, None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            return None
+        return self.fleet.model(adapter[0]), adapter[1]
 
     def _load_keys(self) -> None:
         a = self.fleet.gateway.auth
@@ -178,9 +206,9 @@ class Admission:
             ctx.key = self.authenticate(request)
             payload, spec, stream = await self.read(request, endpoint, ctx.key)
             if serves is not None and spec.name != serves:
-                raise errors.InvalidRequest(f"This endpoint serves only the model '{serves}'; send requests "
-                                            f"for '{spec.name}' to /v1", param="model")
-            ctx.model, ctx.stream = spec.name, stream
+                raise errors.InvalidRequest(f"This endpoint serves only the model '{serves}' and its adapters; "
+                                            f"send requests for '{payload['model']}' to /v1", param="model")
+            ctx.model, ctx.stream = payload["model"], stream
             if self.audit is not None and self.audit.include_prompts:
                 ctx.body = payload
             await capacity(spec)
@@ -261,10 +289,11 @@ class Admission:
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise errors.InvalidRequest("You must provide a model parameter", param="model")
-        spec = self.fleet.model(model)
-        if spec is None or (key is not None and not key.allows(model)):
+        served = self.resolve(model)
+        if served is None or (key is not None and not key.allows(model)):
             raise errors.UnknownModel(model)  # the same answer: do not reveal models a key may not use
-        self.check_limits(spec, payload)
+        spec, adapter_limits = served
+        self.check_limits(spec, payload, adapter_limits)
         if spec.task != TASK_OF_ENDPOINT[endpoint]:
             what = "an embedding model" if spec.task == "embed" else "a generative model"
             raise errors.WrongTask(
@@ -279,10 +308,10 @@ class Admission:
             stream = False
         return payload, spec, stream
 
-    def check_limits(self, spec: ModelSpec, payload: dict[str, Any]) -> None:
-        """The model's request caps (falling back to gateway.limits): 400 naming the cap."""
+    def check_limits(self, spec: ModelSpec, payload: dict[str, Any], adapter: RequestLimits | None = None) -> None:
+        """The request caps of the adapter, else the model, else gateway.limits: 400 naming the cap."""
         def cap(name: str) -> int | None:
-            return capacity.limit(self.fleet, spec, name)
+            return capacity.limit(self.fleet, spec, name, adapter)
 
         asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
         limit = cap("max_tokens")

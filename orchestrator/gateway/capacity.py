@@ -12,13 +12,17 @@ or one replica's own engine queue (a fast lane).
 from __future__ import annotations
 
 from orchestrator import errors
-from orchestrator.spec import FleetSpec, ModelSpec
+from orchestrator.spec import FleetSpec, ModelSpec, RequestLimits
 
 
-def limit(fleet: FleetSpec, spec: ModelSpec, name: str) -> int | None:
-    """A model's limit ``name`` (``limits.<name>``), else the gateway's (``gateway.limits.<name>``)."""
-    own = getattr(spec.limits, name)
-    return own if own is not None else getattr(fleet.gateway.limits, name)
+def limit(fleet: FleetSpec, spec: ModelSpec, name: str, adapter: RequestLimits | None = None) -> int | None:
+    """A limit ``name``: the adapter's own (``adapters[].limits.<name>``) when the request names
+    an adapter that sets it, else the model's (``limits.<name>``), else the gateway's."""
+    for limits in (adapter, spec.limits, fleet.gateway.limits):
+        value = getattr(limits, name) if limits is not None else None
+        if value is not None:
+            return value
+    return None
 
 
 def bound(fleet: FleetSpec, spec: ModelSpec) -> int | None:

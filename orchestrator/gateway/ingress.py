@@ -64,25 +64,41 @@ class Gateway:
         self.relay = Relay(self.handles, self.view, self.metrics, self.fleet.gateway.request_timeout_s,
                            self.admission.finish)
 
+    def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Serve's ``user_config`` hook: the fleet's LoRA adapters (``{"adapters": [{"name",
+        "base", "limits"}]}``), updated live when the fleet's adapters change."""
+        entries = (config or {}).get("adapters") or []
+        self.admission.set_adapters(entries)
+        self.view.set_adapters(entries)
+
     # -- OpenAI endpoints -------------------------------------------------------------
 
-    def _model_object(self, m: ModelSpec) -> dict[str, Any]:
-        return {"id": m.name, "object": "model", "created": self._created, "owned_by": "slm-orchestrator",
-                "task": m.task}
+    def _model_object(self, name: str) -> dict[str, Any] | None:
+        """A model's (or an adapter's, with its ``parent``) /v1/models entry; None if not served."""
+        served = self.admission.resolve(name)
+        if served is None:
+            return None
+        spec = served[0]
+        entry = {"id": name, "object": "model", "created": self._created, "owned_by": "slm-orchestrator",
+                 "task": spec.task}
+        if name != spec.name:
+            entry["parent"] = spec.name  # as vLLM lists a LoRA adapter
+        return entry
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         key = self.admission.authenticate(request)
-        data = [self._model_object(m) for m in self.fleet.models if key is None or key.allows(m.name)]
-        return JSONResponse({"object": "list", "data": data})
+        names = [m.name for m in self.fleet.models] + list(self.admission.adapters)
+        data = [self._model_object(n) for n in names if key is None or key.allows(n)]
+        return JSONResponse({"object": "list", "data": [d for d in data if d is not None]})
 
     @api.get("/v1/models/{model:path}")
     async def get_model(self, model: str, request: Request) -> JSONResponse:
         key = self.admission.authenticate(request)
-        spec = self.fleet.model(model)
-        if spec is None or (key is not None and not key.allows(model)):
+        entry = self._model_object(model)
+        if entry is None or (key is not None and not key.allows(model)):
             raise errors.UnknownModel(model)
-        return JSONResponse(self._model_object(spec))
+        return JSONResponse(entry)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -112,7 +128,9 @@ class Gateway:
 
     async def _forward(self, request: Request, endpoint: str) -> Response:
         ctx, payload, spec, stream = await self.admission.enter(request, endpoint, self._capacity)
-        key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars)
+        adapter = ctx.model if ctx.model != spec.name else None
+        key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars,
+                                adapter)
         return await self.relay.serve(ctx, endpoint, payload, spec, stream, key)
 
     # -- operations -------------------------------------------------------------------

@@ -57,13 +57,21 @@ class LaneServer(ModelServer):
         self._created = int(time.time())
         self._queue_bound = capacity.bound(self.fleet, self.spec)
 
+    async def reconfigure(self, config: dict[str, Any] | None) -> None:
+        """Load the lane's adapters (``ModelServer.reconfigure``), then admit requests for them."""
+        await super().reconfigure(config)
+        self.admission.set_adapters([{"name": a["name"], "base": self.spec.name, "limits": a.get("limits")}
+                                     for a in (config or {}).get("adapters") or ()])
+
     @lane_api.get("/v1/models")
     async def lane_models(self, request: Request) -> JSONResponse:
         key = self.admission.authenticate(request)
         data = []
-        if key is None or key.allows(self.spec.name):
-            data.append({"id": self.spec.name, "object": "model", "created": self._created,
-                         "owned_by": "slm-orchestrator", "task": self.spec.task})
+        for name in [self.spec.name, *self.admission.adapters]:
+            if key is None or key.allows(name):
+                entry = {"id": name, "object": "model", "created": self._created, "owned_by": "slm-orchestrator",
+                         "task": self.spec.task}
+                data.append(entry if name == self.spec.name else {**entry, "parent": self.spec.name})
         return JSONResponse({"object": "list", "data": data})
 
     @lane_api.post("/v1/chat/completions")

@@ -128,8 +128,8 @@ class Relay:
     async def serve(self, ctx: RequestContext, endpoint: str, payload: dict[str, Any], spec: ModelSpec,
                     stream: bool, route_key: str | None) -> Response:
         started = ctx.started
-        model = spec.name
-        self.metrics.in_flight.labels(model).inc()
+        model = spec.name  # the deployment; metrics use the requested name (a LoRA adapter's own)
+        self.metrics.in_flight.labels(ctx.model or model).inc()
         self.in_flight[model] += 1
         handed_off = False
         status: int | str = 500
@@ -157,7 +157,7 @@ class Relay:
                 return GuardedStream(self._held_stream(first, gen, spec, endpoint, started, ctx, inbox), ctx,
                                      lambda: self._abandon(ctx, model, endpoint, gen, inbox, first), ctx.headers)
             try:
-                status, media_type, body_inbox = self._started(model, first.result(), inbox)
+                status, media_type, body_inbox = self._started(ctx.model or model, first.result(), inbox)
                 if media_type != SSE:
                     answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
                     return Response(answer, status_code=status, media_type=media_type, headers=ctx.headers)
@@ -325,7 +325,7 @@ class Relay:
         try:
             async for chunk in (self._direct_body(gen, inbox) if inbox is not None else gen):
                 if first:
-                    self.metrics.ttft.labels(model, endpoint).observe(time.perf_counter() - started)
+                    self.metrics.ttft.labels(ctx.model or model, endpoint).observe(time.perf_counter() - started)
                     first = False
                 ctx.note_usage(chunk)
                 yield chunk
@@ -354,10 +354,11 @@ class Relay:
         counted (``status``: an HTTP code or "cancelled"), its bookkeeping released."""
         if inbox is not None:
             inbox.close()
-        self.metrics.in_flight.labels(model).dec()
+        label = ctx.model or model
+        self.metrics.in_flight.labels(label).dec()
         self.in_flight[model] -= 1
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
-        self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - ctx.started)
+        self.metrics.requests.labels(label, endpoint, str(status)).inc()
+        self.metrics.latency.labels(label, endpoint).observe(time.perf_counter() - ctx.started)
         ctx.status = status
         routing.IN_FLIGHT.finished(ctx.track)
         self._finish(ctx)

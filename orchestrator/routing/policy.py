@@ -169,14 +169,25 @@ def prompt_prefix(endpoint: str, payload: Mapping[str, Any], chars: int) -> str 
     return text[:chars] or None
 
 
+ADAPTER_KEY = "adapter:"
+
+
 def route_key(policy: str, endpoint: str, payload: Mapping[str, Any], headers: Mapping[str, str],
-              prefix_chars: int) -> str | None:
-    """The affinity key of a request under ``policy`` (None: no affinity, least-queue)."""
-    if policy == "prefix-affinity":
-        return prompt_prefix(endpoint, payload, prefix_chars)
+              prefix_chars: int, adapter: str | None = None) -> str | None:
+    """The affinity key of a request under ``policy`` (None: no affinity, least-queue).
+
+    A request for a LoRA adapter carries the adapter's name in its key under every policy
+    but round-robin and session (a session already sticks to one replica): requests for one
+    adapter gather on the replicas that have it in a GPU slot, within the load bound, instead
+    of making every replica swap adapters in and out."""
     if policy == "session":
         return headers.get(SESSION_HEADER) or None
-    return None
+    if policy == "round-robin":
+        return None
+    prefix = prompt_prefix(endpoint, payload, prefix_chars) if policy == "prefix-affinity" else None
+    if adapter is not None:
+        return f"{ADAPTER_KEY}{adapter}" + (f"\n{prefix}" if prefix else "")
+    return prefix
 
 
 # --------------------------------------------------------------------------- pure choice
@@ -230,7 +241,7 @@ def rank(policy: str, loads: Mapping[str, float], key: str | None = None, load_f
         ordered = sorted(ids)
         first = ordered[turn % len(ordered)]
         return [first] + [r for r in by_load if r != first], False
-    if policy in ("prefix-affinity", "session") and key is not None:
+    if key is not None and policy != "round-robin":  # least-queue has a key for adapters only
         order = ring_order(key, ids)
         bound = load_bound(loads, load_factor)
         chosen = next((r for r in order if loads[r] + 1 <= bound), by_load[0])

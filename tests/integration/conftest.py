@@ -49,6 +49,25 @@ def replica_pids(deployment: str) -> list[int]:
     return sorted(pid for pid, ppid, _ in rows if pid in titled and ppid not in titled)
 
 
+def engine_pid(replica_pid: int) -> int | None:
+    """The vLLM EngineCore process under a replica (a child or a grandchild)."""
+    rows = processes()
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in rows:
+        children.setdefault(ppid, []).append(pid)
+    args = {pid: a for pid, _, a in rows}
+    todo, seen = list(children.get(replica_pid, [])), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if "EngineCore" in args.get(pid, ""):
+            return pid
+        todo.extend(children.get(pid, []))
+    return None
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
     """The demo fleet (module-scoped: one Ray cluster at a time on a 2-core machine)."""

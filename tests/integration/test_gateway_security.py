@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import processes, replica_pids, run_stack
+from conftest import engine_pid, processes, replica_pids, run_stack
 from prometheus_client.parser import text_string_to_metric_families
 from sse import sse_lines
 
@@ -479,29 +479,10 @@ def test_killing_a_replica_under_load_loses_no_request(secure_stack, http):
           f"replacement running after {replaced:.0f}s")
 
 
-def _engine_pid(replica_pid: int) -> int | None:
-    """The vLLM EngineCore process under a replica (a child or a grandchild)."""
-    rows = processes()
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in rows:
-        children.setdefault(ppid, []).append(pid)
-    args = {pid: a for pid, _, a in rows}
-    todo, seen = list(children.get(replica_pid, [])), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        if "EngineCore" in args.get(pid, ""):
-            return pid
-        todo.extend(children.get(pid, []))
-    return None
-
-
 def test_a_dead_engine_is_retried_elsewhere_and_its_replica_replaced(secure_stack, http):
     pids = replica_pids("model-tiny-pair")
     assert len(pids) == 2, pids
-    engine = _engine_pid(pids[0])
+    engine = engine_pid(pids[0])
     assert engine is not None, "no EngineCore process under the replica"
     ops = client(secure_stack, OPS_KEY)
 

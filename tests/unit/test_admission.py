@@ -138,3 +138,57 @@ def test_request_ids_and_reflected_values_are_bounded():
         assert seen[-1] == kept
     message = errors.UnknownModel("m" * 1_000_000).message
     assert len(message) < 300 and "1000000 characters" in message
+
+
+async def no_capacity(spec):
+    return None
+
+
+def adapter_admission(tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {name: a, key: sk-a-0123456789abcdef, models: ['team-a-*']}\n")
+    fleet = parse_fleet({"models": [{"name": "m", "source": "/models/m", "limits": {"max_tokens": 50, "max_n": 2}}],
+                         "gateway": {"auth": {"keys_file": str(keys)}, "limits": {"max_messages": 3}}}, "fleet.yaml")
+    admission = Admission(fleet, None, None, limiter=Limiter())
+    admission.set_adapters([{"name": "team-a-sql", "base": "m", "limits": {"max_tokens": 10}},
+                            {"name": "team-a-chat", "base": "m", "limits": None},
+                            {"name": "orphan", "base": "gone", "limits": None}])
+    return admission
+
+
+def test_an_adapter_is_admitted_as_a_model_of_its_own_with_its_base_spec(tmp_path):
+    admission = adapter_admission(tmp_path)
+    assert set(admission.adapters) == {"team-a-sql", "team-a-chat"}  # an adapter of an unknown base is dropped
+    key = {"authorization": "Bearer sk-a-0123456789abcdef"}
+    body = b'{"model": "team-a-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}'
+    ctx, payload, spec, _ = asyncio.run(admission.enter(request(body, key), "chat", no_capacity))
+    assert (ctx.model, spec.name, payload["model"]) == ("team-a-chat", "m", "team-a-chat")
+    for model in ("m", "orphan", "team-b-x"):  # the key's glob; unknown names: the same 404
+        body = f'{{"model": "{model}", "messages": []}}'.encode()
+        with pytest.raises(errors.UnknownModel):
+            asyncio.run(admission.enter(request(body, key), "chat", no_capacity))
+
+
+@pytest.mark.parametrize(("model", "field", "value", "allowed"), [
+    ("team-a-sql", "max_tokens", 11, False),   # the adapter's own cap (10) wins
+    ("team-a-sql", "max_tokens", 10, True),
+    ("team-a-chat", "max_tokens", 51, False),  # no cap of its own: the model's (50)
+    ("team-a-chat", "n", 3, False),            # the model's max_n
+    ("team-a-sql", "n", 3, False),             # fields the adapter leaves unset: still the model's
+])
+def test_an_adapter_inherits_the_model_limits_unless_it_sets_its_own(tmp_path, model, field, value, allowed):
+    admission = adapter_admission(tmp_path)
+    spec, own = admission.resolve(model)
+    payload = {"model": model, field: value}
+    if allowed:
+        admission.check_limits(spec, payload, own)
+    else:
+        with pytest.raises(errors.InvalidRequest):
+            admission.check_limits(spec, payload, own)
+
+
+def test_the_gateway_limits_are_the_last_fallback_for_adapters(tmp_path):
+    admission = adapter_admission(tmp_path)
+    spec, own = admission.resolve("team-a-sql")
+    with pytest.raises(errors.InvalidRequest, match="max_messages"):
+        admission.check_limits(spec, {"model": "team-a-sql", "messages": [{}] * 4}, own)

@@ -151,3 +151,29 @@ def test_a_request_finished_before_it_was_routed_is_not_counted_later():
     view.finished("x")
     view.moved("x", "r2")  # a late acceptance notice
     assert (view.load("r1"), view.load("r2")) == (0, 0)
+
+
+def test_adapter_requests_carry_their_adapter_in_the_key():
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert route_key("least-queue", "chat", body, {}, 64, adapter="team-a") == "adapter:team-a"
+    assert route_key("least-queue", "chat", body, {}, 64) is None
+    with_prefix = route_key("prefix-affinity", "chat", body, {}, 64, adapter="team-a")
+    assert with_prefix.startswith("adapter:team-a\n") and with_prefix.endswith("user:hi\n")
+    assert route_key("session", "chat", body, {"x-session-id": "s1"}, 64, adapter="team-a") == "s1"
+    assert route_key("round-robin", "chat", body, {}, 64, adapter="team-a") is None
+
+
+def test_adapter_affinity_gathers_an_adapter_on_one_replica_within_the_bound():
+    loads = {"r1": 0, "r2": 0, "r3": 0}
+    picks = Counter()
+    for _ in range(6):
+        first = rank("least-queue", loads, "adapter:team-a", 1.25)[0][0]
+        picks[first] += 1
+        loads[first] += 1
+    # It sticks to its ring's first replica while under ceil(1.25 x mean), then spills.
+    assert max(picks.values()) < 6 and len(picks) >= 2
+    home = ring_order("adapter:team-a", list(loads))[0]
+    assert picks[home] == max(picks.values())
+    # Different adapters are homed on different replicas (the ring spreads them).
+    homes = {ring_order(f"adapter:a{i}", ["r1", "r2", "r3"])[0] for i in range(12)}
+    assert len(homes) == 3

@@ -85,7 +85,7 @@ def test_bad_model_fields_are_named(fleet, path, message):
 def test_duplicate_names_rejected():
     fleet = copy.deepcopy(BASE)
     fleet["models"][1]["name"] = "smol"
-    with pytest.raises(FleetValidationError, match="'smol' is already the name of models\[0\].name"):
+    with pytest.raises(FleetValidationError, match=r"'smol' is already the name of models\[0\].name"):
         parse_fleet(fleet)
 
 

@@ -1,0 +1,97 @@
+"""The LoRA adapters one replica serves: loaded and unloaded live as the deployment's
+``user_config`` changes (Ray Serve calls ``reconfigure`` on every running replica, and on a
+new replica before it takes traffic), without restarting the engine.
+
+Each adapter has a state: ``loading``, ``loaded`` or ``failed`` (with vLLM's reason). A
+failed adapter never takes the replica or the other adapters down; requests naming it get a
+503 that names it. The states go to the fleet-state actor (``/fleet`` shows them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from orchestrator import adapters, errors
+from orchestrator.engine import vllm_compat
+from orchestrator.spec_parts import AdapterSpec
+
+log = logging.getLogger("orchestrator.engine")
+
+REPORT_EVERY_S = 30.0  # heartbeat of the adapter states (a restarted fleet-state actor relearns them)
+
+
+class AdapterSet:
+    """A replica's adapters: ``apply`` a wanted set, ``check`` a request's model name."""
+
+    def __init__(self, model: str, serving_models: Any):
+        self.model = model
+        self._models = serving_models
+        self.wanted: dict[str, AdapterSpec] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self._lock = asyncio.Lock()
+
+    async def apply(self, config: dict[str, Any] | None) -> None:
+        """Load what is new or changed, unload what is gone; one change set at a time."""
+        wanted = {a.name: a for a in (AdapterSpec.model_validate(x) for x in (config or {}).get("adapters") or ())}
+        async with self._lock:
+            for name in [n for n in self.wanted if n not in wanted]:
+                if self._models is not None:
+                    await vllm_compat.unload_adapter(self._models, name)
+                self.states.pop(name, None)
+                log.info("model %s: adapter %s unloaded", self.model, name)
+            changed = [a for a in wanted.values() if name_changed(self.wanted.get(a.name), a)]
+            self.wanted = wanted
+            for adapter in changed:
+                self.states[adapter.name] = self._state(adapter, "loading")
+            for adapter in changed:
+                await self._load(adapter)
+
+    async def _load(self, adapter: AdapterSpec) -> None:
+        started = time.monotonic()
+        info, reason = None, None
+        try:
+            path = await asyncio.to_thread(adapters.resolve_adapter, adapter.source)
+            info = await asyncio.to_thread(adapters.adapter_info, adapter.source)
+        except (OSError, ValueError) as e:
+            reason = str(e)
+        if reason is None:
+            reason = await vllm_compat.load_adapter(self._models, adapter.name, path)
+        if reason is None:
+            self.states[adapter.name] = self._state(adapter, "loaded", info=info)
+            log.info("model %s: adapter %s loaded from %s in %.2fs", self.model, adapter.name, adapter.source,
+                     time.monotonic() - started)
+        else:
+            if self._models is not None and adapter.name in vllm_compat.adapter_names(self._models):
+                await vllm_compat.unload_adapter(self._models, adapter.name)
+            self.states[adapter.name] = self._state(adapter, "failed", reason=reason, info=info)
+            log.error("model %s: adapter %s failed to load from %s: %s", self.model, adapter.name, adapter.source,
+                      reason)
+
+    @staticmethod
+    def _state(adapter: AdapterSpec, state: str, reason: str | None = None,
+               info: adapters.AdapterInfo | None = None) -> dict[str, Any]:
+        return {"state": state, "reason": reason, "source": adapter.source, "at": time.time(),
+                "rank": info.rank if info else None, "size_bytes": info.size_bytes if info else None}
+
+    def check(self, name: Any) -> None:
+        """Raise 503 for a request naming an adapter that is not loaded here (failed, or still
+        loading); other names pass (vLLM answers 404 for one it does not know)."""
+        state = self.states.get(name) if isinstance(name, str) else None
+        if state is None or state["state"] == "loaded":
+            return
+        if state["state"] == "failed":
+            raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' failed to load: "
+                                            f"{state['reason']}")
+        raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' is still loading; retry "
+                                        "shortly", retry_after_s=1)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        return {name: dict(state) for name, state in self.states.items()}
+
+
+def name_changed(old: AdapterSpec | None, new: AdapterSpec) -> bool:
+    """Whether an adapter must be (re)loaded: new, or its source changed (limits are the gateway's)."""
+    return old is None or old.source != new.source
