@@ -41,7 +41,8 @@ def fleet_schema() -> dict[str, Any]:
     schema = _inline(raw, defs)
     schema["description"] = (
         "The fleet: the same tree `slm serve -f fleet.yaml` reads, passed unchanged to the Serve "
-        "application's builder. Generated from orchestrator/spec.py; do not edit by hand."
+        "application's builder, except LoRA adapters (they go to the deployments' user_config). "
+        "Generated from orchestrator/spec.py; do not edit by hand."
     )
     return schema
 
