@@ -52,6 +52,11 @@ class GatewayMetrics:
             "slm_requests_total", "Finished requests by model, endpoint and HTTP status.",
             ["model", "endpoint", "status"], registry=self.registry,
         )
+        self.tokens = Counter(
+            "slm_tokens_total", "Tokens of finished requests by model (an adapter's own name) and kind "
+            "(prompt, completion), from each answer's usage (streams: when they ask for it).",
+            ["model", "kind"], registry=self.registry,
+        )
         self.ttft = Histogram(
             "slm_time_to_first_token_seconds", "Time from request to the first streamed token.",
             ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry,

@@ -76,6 +76,14 @@ class RoutingSpec(_Strict):
             "under load_factor x the mean load; past that the request spills to the next replica."
         ),
     )
+    adapter_affinity: bool = Field(
+        True,
+        description=(
+            "Requests for a LoRA adapter gather on the replicas that have it hot (the adapter's name joins the "
+            "affinity key, under the same load_factor bound), so replicas swap adapters in and out of their "
+            "max_loras slots less often. false: adapter requests route like the model's own."
+        ),
+    )
 
 
 class ResourcesSpec(_Strict):

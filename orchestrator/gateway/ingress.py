@@ -128,7 +128,7 @@ class Gateway:
 
     async def _forward(self, request: Request, endpoint: str) -> Response:
         ctx, payload, spec, stream = await self.admission.enter(request, endpoint, self._capacity)
-        adapter = ctx.model if ctx.model != spec.name else None
+        adapter = ctx.model if ctx.model != spec.name and spec.routing.adapter_affinity else None
         key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars,
                                 adapter)
         return await self.relay.serve(ctx, endpoint, payload, spec, stream, key)

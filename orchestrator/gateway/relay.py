@@ -359,6 +359,10 @@ class Relay:
         self.in_flight[model] -= 1
         self.metrics.requests.labels(label, endpoint, str(status)).inc()
         self.metrics.latency.labels(label, endpoint).observe(time.perf_counter() - ctx.started)
+        for kind in ("prompt", "completion"):
+            used = (ctx.usage or {}).get(f"{kind}_tokens")
+            if isinstance(used, int) and used > 0:
+                self.metrics.tokens.labels(label, kind).inc(used)
         ctx.status = status
         routing.IN_FLIGHT.finished(ctx.track)
         self._finish(ctx)

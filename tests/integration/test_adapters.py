@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import json
 import shutil
 import signal
 import time
@@ -28,6 +29,7 @@ ADMIN_KEY = "sk-adapters-admin-0123456789"
 TEAM_A_KEY = "sk-adapters-team-a-0123456789"
 BASE = "tiny"
 SQL, CHAT, NEW, BAD = "team-a-sql", "team-a-chat", "team-a-new", "team-b-broken"
+LONG = 3500  # tokens of the stream that runs through a live change (~10 s here)
 PROMPTS = ["the model serves", "one two three", "paris is the capital of", "small language replicas queue"]
 
 
@@ -51,7 +53,9 @@ def fleet_with(made, tiny_model, adapters):
     engine = {"max_model_len": 512, "dtype": "float32"}
     return {
         "models": [
-            {"name": BASE, "source": str(tiny_model), "engine": engine, "adapters": adapters},
+            # Long enough for a stream that outlasts a live adapter change.
+            {"name": BASE, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
+             "adapters": adapters},
             {"name": "merged-sql", "source": str(made["sql-merged"]), "engine": engine},
             {"name": "merged-chat", "source": str(made["chat-merged"]), "engine": engine},
         ],
@@ -158,18 +162,25 @@ def test_a_broken_adapter_is_reported_and_answers_503_while_the_rest_serve(admin
     assert complete(admin, SQL, PROMPTS[0]) and complete(admin, BASE, PROMPTS[0])
 
 
-def test_metrics_per_adapter(admin, http):
+def test_metrics_per_adapter(admin, http, adapter_stack):
     complete(admin, SQL, "hi")
+    _stream(adapter_stack.url, SQL, 4)
     text = http.get("/metrics").text
     requests = {s.labels["model"] for f in text_string_to_metric_families(text) if f.name == "slm_requests"
                 for s in f.samples}
     assert SQL in requests, requests
+    tokens = {(s.labels["model"], s.labels["kind"]): s.value for f in text_string_to_metric_families(text)
+              if f.name == "slm_tokens" for s in f.samples}
+    assert tokens.get((SQL, "completion"), 0) > 0, tokens
+    ttft = {s.labels["model"] for f in text_string_to_metric_families(text)
+            if f.name == "slm_time_to_first_token_seconds" for s in f.samples}
+    assert SQL in ttft, ttft  # the stream tests below and earlier add to it; one stream here
     assert "vllm:lora_requests_info" in text
 
 
 def _stream(url, model, max_tokens):
     body = {"model": model, "prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     events = []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300,
                       headers={"authorization": f"Bearer {ADMIN_KEY}"}) as r:
@@ -185,7 +196,7 @@ def test_live_add_and_remove_during_a_stream_restart_nothing(adapter_stack, admi
     with pytest.raises(openai.NotFoundError):
         complete(admin, NEW, "hi")
     with cf.ThreadPoolExecutor(1) as pool:
-        streaming = pool.submit(_stream, adapter_stack.url, SQL, 400)
+        streaming = pool.submit(_stream, adapter_stack.url, SQL, LONG)
         time.sleep(1.0)
         fleet = copy.deepcopy(adapter_stack.fleet)
         adapters = fleet["models"][0]["adapters"]
@@ -207,7 +218,8 @@ def test_live_add_and_remove_during_a_stream_restart_nothing(adapter_stack, admi
         assert not streaming.done(), "the stream ended before the change was applied: make it longer"
         events = streaming.result(timeout=300)
     assert events[-1] == "data: [DONE]"
-    assert len(events) - 1 >= 400  # one event per token, none lost
+    usage = json.loads(events[-2].removeprefix("data: "))["usage"]
+    assert usage["completion_tokens"] == LONG, usage  # the whole stream, nothing cut
     assert replica_pids(f"model-{BASE}") == pids
     assert [engine_pid(p) for p in pids] == engines
     adapter_stack.fleet = fleet
