@@ -77,16 +77,19 @@ class AdapterSet:
                 "rank": info.rank if info else None, "size_bytes": info.size_bytes if info else None}
 
     def check(self, name: Any) -> None:
-        """Raise 503 for a request naming an adapter that is not loaded here (failed, or still
-        loading); other names pass (vLLM answers 404 for one it does not know)."""
-        state = self.states.get(name) if isinstance(name, str) else None
-        if state is None or state["state"] == "loaded":
+        """Raise 503 for a request naming an adapter that is not loaded here: failed, still
+        loading, or not yet known (the gateway learnt of it before this replica did)."""
+        if not isinstance(name, str) or name == self.model:
             return
-        if state["state"] == "failed":
+        state = self.states.get(name)
+        if state is not None and state["state"] == "loaded":
+            return
+        if state is not None and state["state"] == "failed":
             raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' failed to load: "
                                             f"{state['reason']}")
-        raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' is still loading; retry "
-                                        "shortly", retry_after_s=1)
+        what = "is still loading" if state is not None else "is not loaded on this replica yet"
+        raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' {what}; retry shortly",
+                                        retry_after_s=1)
 
     def report(self) -> dict[str, dict[str, Any]]:
         return {name: dict(state) for name, state in self.states.items()}

@@ -19,9 +19,12 @@ from conftest import engine_pid, processes, replica_pids, run_stack
 from prometheus_client.parser import text_string_to_metric_families
 from sse import sse_lines
 
+from orchestrator.devtools.lora import random_adapter
+
 pytestmark = pytest.mark.integration
 
 OPEN, SECRET, BUSY, PAIR = "tiny", "tiny-secret", "tiny-busy", "tiny-pair"
+SECRET_LORA = "tiny-secret-lora"  # a LoRA adapter on the fast-lane model
 TEAM_KEY = "sk-team-a-0123456789abcdef"
 OPS_KEY = "sk-ops-0123456789abcdefgh"
 LIMITED_KEY = "sk-limited-0123456789abcd"
@@ -51,7 +54,8 @@ def secure_stack(tmp_path_factory, tiny_model):
         "models": [
             {"name": OPEN, "source": str(tiny_model), "engine": engine,
              "limits": {"max_tokens": 64, "max_n": 2, "max_messages": 4}},
-            {"name": SECRET, "source": str(tiny_model), "engine": engine, "fast_lane": True},
+            {"name": SECRET, "source": str(tiny_model), "engine": engine, "fast_lane": True,
+             "adapters": [{"name": SECRET_LORA, "source": str(random_adapter(tiny_model, d / "lora", seed=5))}]},
             {"name": BUSY, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
              "limits": {"max_queue_per_replica": 2}},
             {"name": PAIR, "source": str(tiny_model), "engine": {**engine, "max_model_len": 4096},
@@ -195,7 +199,7 @@ def test_fast_lane_serves_the_openai_client_with_the_same_keys(secure_stack, htt
     assert _ops_view(http, SECRET)["fast_lane"] == "/models/tiny-secret/v1"
     assert _ops_view(http, OPEN)["fast_lane"] is None
     ops = openai.OpenAI(base_url=f"{lane}/v1", api_key=OPS_KEY, max_retries=0, timeout=120)
-    assert [m.id for m in ops.models.list().data] == [SECRET]
+    assert [m.id for m in ops.models.list().data] == [SECRET, SECRET_LORA]
     stream = ops.chat.completions.create(model=SECRET, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
                                          stream=True, stream_options={"include_usage": True},
                                          extra_body={"ignore_eos": True})
@@ -224,6 +228,20 @@ def test_fast_lane_serves_the_openai_client_with_the_same_keys(secure_stack, htt
     assert wrong_task.status_code == 400 and wrong_task.json()["error"]["code"] == "model_not_supported"
     # /v1 still serves the model, through the gateway.
     assert chat(client(secure_stack, OPS_KEY), model=SECRET).usage.completion_tokens >= 1
+
+
+def test_fast_lane_serves_its_model_adapters(secure_stack):
+    lane = openai.OpenAI(base_url=f"{lane_url(secure_stack)}/v1", api_key=OPS_KEY, max_retries=0, timeout=120)
+    gateway = client(secure_stack, OPS_KEY)
+    listed = {m.id: m.model_extra.get("parent") for m in lane.models.list().data}
+    assert listed[SECRET_LORA] == SECRET
+
+    def answer(c, model):
+        return c.completions.create(model=model, prompt="one two three", max_tokens=8, temperature=0).choices[0].text
+
+    assert answer(lane, SECRET_LORA) == answer(gateway, SECRET_LORA) != answer(lane, SECRET)
+    with pytest.raises(openai.NotFoundError):  # a name that is neither the model nor one of its adapters
+        answer(lane, "tiny-secret-unknown")
 
 
 def test_fast_lane_audits_with_request_ids_and_shares_the_rate_limit(secure_stack, http):
