@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 CHAT = "smollm2-135m-instruct"
 EMBED = "all-minilm-l6-v2"
+PIRATE = "smollm2-pirate"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -49,9 +50,22 @@ def metric_samples(http, name: str) -> list:
 
 
 def test_models_list(client, http):
-    ids = [m.id for m in client.models.list()]
-    assert ids == [CHAT, EMBED]
+    models = list(client.models.list())
+    assert [m.id for m in models] == [CHAT, EMBED, PIRATE]
+    assert models[2].model_extra.get("parent") == CHAT  # a LoRA adapter, as vLLM lists one
     check("ListModelsResponse", http.get("/v1/models").json())
+
+
+def test_the_demo_adapter_changes_the_answers_visibly(client):
+    """The demo's LoRA adapter (trained with peft on SmolLM2, shipped as package data)."""
+    def answer(model):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Name three "
+                                               "French cities."}], temperature=0, max_tokens=40)
+        return reply.choices[0].message.content
+
+    pirate, base = answer(PIRATE), answer(CHAT)
+    assert pirate.startswith("Arr"), pirate
+    assert not base.startswith("Arr") and "Paris" in pirate, (base, pirate)
 
 
 # -- chat -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The demo fleet serves SmolLM2-135M-Instruct as `smollm2-135m-instruct` and the p
 adapter on it as `smollm2-pirate` (orchestrator/demo_fleet.yaml): an adapter is asked for by
 its name in `model`, like any model.
 
-    python examples/client.py ["your question"]
+    python examples/adapter.py ["your question"]
 """
 
 import sys
