@@ -59,10 +59,17 @@ def local_folder(source: str) -> Path | None:
 
 
 def resolve_adapter(source: str) -> str:
-    """What vLLM loads for an adapter source: a local folder, or a hub id it downloads."""
+    """The local folder vLLM loads for an adapter source. An ``hf://`` adapter is downloaded
+    here (its revision honoured; the hub cache makes a second call free), not by vLLM inside
+    its engine loop, where a download would stall every running request."""
     parsed = sources.parse_source(source)
     if parsed.kind == "hf":
-        return parsed.location
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(parsed.location, revision=parsed.revision)
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: the adapter fails
+            raise ValueError(f"cannot fetch {source}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     return str(sources.local_path(parsed))
 
 
@@ -208,6 +215,8 @@ def adapter_problems(model, i: int) -> list[tuple[str, str]]:
     """Validation of a model's adapters against themselves and their base: (field path
     ``models[i].adapters[j].<field>``, problem) pairs."""
     errors: list[tuple[str, str]] = []
+    if model.engine.get("enable_lora") is False:
+        return [(f"models[{i}].engine.enable_lora", "false, but the model has adapters (remove it or the adapters)")]
     if model.task != "generate":
         return [(f"models[{i}].adapters", "LoRA adapters apply to generative models (task: generate)")]
     limit = model.engine.get("max_lora_rank")

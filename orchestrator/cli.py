@@ -222,7 +222,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(0.5)
             if stop["reload"]:
                 stop["reload"] = False
-                fleet = _reload(origin, fleet) or fleet
+                try:
+                    fleet = _reload(origin, fleet) or fleet
+                except Exception as e:  # noqa: BLE001 - a bad re-apply must not stop a serving fleet
+                    first = (str(e).splitlines() or [""])[0][:300]
+                    _say(f"SIGHUP: {origin} not applied ({type(e).__name__}: {first}); the running fleet is unchanged")
         _say("shutting down")
         return 0
     finally:

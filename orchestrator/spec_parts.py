@@ -212,6 +212,14 @@ class AdapterSpec(_Strict):
         None, description="Request caps for this adapter; unset: the model's limits (then gateway.limits).",
     )
 
+    @field_validator("limits")
+    @classmethod
+    def _request_caps_only(cls, value: RequestLimits | None) -> RequestLimits | None:
+        if value is not None and value.max_queue_per_replica is not None:
+            raise ValueError("max_queue_per_replica is the model's (its replicas' queue is shared by its adapters); "
+                             "set it in the model's limits")
+        return value
+
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:

@@ -34,22 +34,27 @@ class AdapterSet:
         self._lock = asyncio.Lock()
 
     async def apply(self, config: dict[str, Any] | None) -> None:
-        """Load what is new or changed, unload what is gone; one change set at a time."""
+        """Load what is new, changed or failed before; unload what is gone; one change set at
+        a time. A replaced adapter keeps serving its previous weights until the new ones have
+        loaded (and keeps them if the new ones fail)."""
         wanted = {a.name: a for a in (AdapterSpec.model_validate(x) for x in (config or {}).get("adapters") or ())}
         async with self._lock:
             for name in [n for n in self.wanted if n not in wanted]:
+                self.states.pop(name, None)  # first: requests for it stop being sent to vLLM
                 if self._models is not None:
                     await vllm_compat.unload_adapter(self._models, name)
-                self.states.pop(name, None)
                 log.info("model %s: adapter %s unloaded", self.model, name)
-            changed = [a for a in wanted.values() if name_changed(self.wanted.get(a.name), a)]
+            failed = {n for n, state in self.states.items() if state["state"] == "failed"}
+            changed = [a for a in wanted.values() if name_changed(self.wanted.get(a.name), a) or a.name in failed]
+            previous = self.wanted
             self.wanted = wanted
             for adapter in changed:
-                self.states[adapter.name] = self._state(adapter, "loading")
+                if self.states.get(adapter.name, {}).get("state") != "loaded":
+                    self.states[adapter.name] = self._state(adapter, "loading")
             for adapter in changed:
-                await self._load(adapter)
+                await self._load(adapter, previous.get(adapter.name))
 
-    async def _load(self, adapter: AdapterSpec) -> None:
+    async def _load(self, adapter: AdapterSpec, previous: AdapterSpec | None) -> None:
         started = time.monotonic()
         info, reason = None, None
         try:
@@ -63,12 +68,19 @@ class AdapterSet:
             self.states[adapter.name] = self._state(adapter, "loaded", info=info)
             log.info("model %s: adapter %s loaded from %s in %.2fs", self.model, adapter.name, adapter.source,
                      time.monotonic() - started)
-        else:
-            if self._models is not None and adapter.name in vllm_compat.adapter_names(self._models):
-                await vllm_compat.unload_adapter(self._models, adapter.name)
-            self.states[adapter.name] = self._state(adapter, "failed", reason=reason, info=info)
-            log.error("model %s: adapter %s failed to load from %s: %s", self.model, adapter.name, adapter.source,
-                      reason)
+            return
+        kept = self.states.get(adapter.name, {})
+        if previous is not None and kept.get("state") == "loaded":
+            # The previous weights still serve: keep them, and say the replacement failed.
+            kept.update(reason=f"replacing it from {adapter.source} failed: {reason}; still serving "
+                               f"{previous.source}", at=time.time())
+            self.wanted[adapter.name] = previous
+            log.error("model %s: adapter %s: replacing it from %s failed (%s); still serving %s", self.model,
+                      adapter.name, adapter.source, reason, previous.source)
+            return
+        self.states[adapter.name] = self._state(adapter, "failed", reason=reason, info=info)
+        log.error("model %s: adapter %s failed to load from %s: %s", self.model, adapter.name, adapter.source,
+                  reason)
 
     @staticmethod
     def _state(adapter: AdapterSpec, state: str, reason: str | None = None,
@@ -85,8 +97,9 @@ class AdapterSet:
         if state is not None and state["state"] == "loaded":
             return
         if state is not None and state["state"] == "failed":
-            raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' failed to load: "
-                                            f"{state['reason']}")
+            # The reason (paths, vLLM's words) is for operators: /fleet and the replica's log.
+            raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' failed to load; its "
+                                            "operators see why in /fleet")
         what = "is still loading" if state is not None else "is not loaded on this replica yet"
         raise errors.AdapterUnavailable(f"The adapter '{name}' of model '{self.model}' {what}; retry shortly",
                                         retry_after_s=1)

@@ -90,21 +90,35 @@ async def init_serving(engine, engine_args, frontend_args) -> dict[str, Any]:
 
 async def load_adapter(models, name: str, path: str) -> str | None:
     """Load a LoRA adapter into the engine and serve it as ``name``: None, or why it failed.
-    A name already loaded is replaced (unloaded first, so the new weights get a new LoRA id)."""
+
+    A name already loaded is replaced make-before-break: the new weights load under a staging
+    name with a new LoRA id (so no prefix-cache block or in-flight request mixes the two),
+    then the name points at them and the old id leaves the engine's cache. Until then, and if
+    the new weights fail, the old ones keep serving."""
     from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
     if models is None:
         return "this model has no generative serving layer"
     if models.engine_client.vllm_config.lora_config is None:
         return "LoRA is off on this model's engine (engine.enable_lora is false)"
-    if name in models.lora_requests:
-        await unload_adapter(models, name)
+    replacing = name in models.lora_requests
+    staging = f"{name}\x00next" if replacing else name
     try:
-        result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=path))
+        result = await models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=staging, lora_path=path))
     except Exception as e:  # noqa: BLE001 - a bad adapter must not take the replica down
-        return _adapter_reason(str(e) or type(e).__name__)
+        result = error_response(str(e) or type(e).__name__)
     if is_error(result):
         return _adapter_reason(result.error.message)
+    if replacing:
+        new = models.lora_requests.pop(staging)
+        new.lora_name = name
+        old = models.lora_requests.get(name)
+        models.lora_requests[name] = new
+        if old is not None:
+            try:
+                await models.engine_client.remove_lora(old.lora_int_id)
+            except Exception:  # noqa: BLE001 - the cache evicts it anyway (LRU, max_cpu_loras)
+                pass
     return None
 
 

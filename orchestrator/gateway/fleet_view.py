@@ -31,8 +31,9 @@ REFRESH_S = 1.0
 STATE_STALE_S = 5.0
 STATE_READ_TIMEOUT_S = 2.0
 STATUS_READ_TIMEOUT_S = 10.0
-# Serve's replica states of a replica on its way to RUNNING.
-STARTING_STATES = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+# Serve's replica states of a replica on its way to RUNNING. UPDATING is a running replica
+# in ``reconfigure`` (LoRA adapters changing): it counts as running (see ``replica_states``).
+STARTING_STATES = ("STARTING", "RECOVERING", "PENDING_MIGRATION")
 # Serve's router for a deployment that is an ingress behind HAProxy (it refuses a custom one).
 SERVE_DEFAULT_ROUTER = "serve-default"
 # A replica's adapter report older than this no longer counts (it reports every 30 s).
@@ -150,7 +151,10 @@ class FleetView:
             for model, dep_name in self._deployments.items():
                 app = status.applications.get(self._model_apps.get(model, own))
                 dep = app.deployments.get(dep_name) if app else None
-                out[model] = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
+                counts = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
+                if "UPDATING" in counts:  # reconfiguring (adapters): still a serving replica
+                    counts["RUNNING"] = counts.get("RUNNING", 0) + counts.pop("UPDATING")
+                out[model] = counts
             return out
 
         # One read at a time: a slow controller must not pile up blocked threads.

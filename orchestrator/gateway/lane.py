@@ -36,6 +36,7 @@ from orchestrator.engine.server import SSE, ModelServer
 from orchestrator.gateway import capacity
 from orchestrator.gateway.admission import Admission, RequestContext
 from orchestrator.gateway.http import GuardedStream, error_event, openai_api
+from orchestrator.gateway.relay import retry_headers
 from orchestrator.spec import FleetSpec, ModelSpec
 
 log = logging.getLogger("orchestrator.lane")
@@ -100,7 +101,8 @@ class LaneServer(ModelServer):
                 raise
             ctx.note_usage(body)
             self.admission.finish(ctx)
-            return Response(body, status_code=ctx.status, media_type="application/json", headers=ctx.headers)
+            return Response(body, status_code=ctx.status, media_type="application/json",
+                            headers=retry_headers(ctx.headers, ctx.status))
         gen = self.stream(endpoint, payload)
         try:
             status, media_type, _ = await gen.__anext__()
@@ -109,7 +111,8 @@ class LaneServer(ModelServer):
                 await gen.aclose()
                 ctx.status = status
                 self.admission.finish(ctx)
-                return Response(body, status_code=status, media_type=media_type, headers=ctx.headers)
+                return Response(body, status_code=status, media_type=media_type,
+                                headers=retry_headers(ctx.headers, status))
         except BaseException as e:  # the client left before the stream began, or a failure
             with contextlib.suppress(BaseException):
                 await gen.aclose()

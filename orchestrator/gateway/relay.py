@@ -108,6 +108,14 @@ class Hold:
             self.relay.metrics.held.labels(self.spec.name).dec()
 
 
+def retry_headers(headers: dict[str, str], status: int) -> dict[str, str]:
+    """A replica's 503 (an adapter still loading, or failed) with the ``Retry-After`` every
+    503 of the gateway carries."""
+    if status == 503 and "Retry-After" not in headers:
+        return {**headers, "Retry-After": "2"}
+    return headers
+
+
 class Relay:
     """Serves admitted requests through the models' deployment handles. ``finish`` releases a
     request's admission bookkeeping once it ended, however it ended."""
@@ -138,7 +146,8 @@ class Relay:
             if not stream:
                 status, answer = await self._call(spec, endpoint, payload, route_key, started)
                 ctx.note_usage(answer)
-                return Response(answer, status_code=status, media_type="application/json", headers=ctx.headers)
+                return Response(answer, status_code=status, media_type="application/json",
+                                headers=retry_headers(ctx.headers, status))
             inbox = await self._open_inbox_stream()
             ctx.track = uuid.uuid4().hex
             gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=route_key,
@@ -160,7 +169,8 @@ class Relay:
                 status, media_type, body_inbox = self._started(ctx.model or model, first.result(), inbox)
                 if media_type != SSE:
                     answer = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
-                    return Response(answer, status_code=status, media_type=media_type, headers=ctx.headers)
+                    return Response(answer, status_code=status, media_type=media_type,
+                                    headers=retry_headers(ctx.headers, status))
             except asyncio.TimeoutError as e:
                 gen.cancel()
                 raise errors.UpstreamTimeout(f"The model '{model}' did not answer within {self.timeout_s:.0f}s") from e

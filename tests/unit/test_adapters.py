@@ -139,7 +139,26 @@ def test_an_hf_adapter_is_accepted_without_reading_anything(base, monkeypatch):
     model = parse_fleet(fleet(base, [{"name": "hub", "source": "hf://someone/tiny-lora@main"}])).models[0]
     assert adapters.adapter_info("hf://someone/tiny-lora") is None
     assert adapters.effective_lora_args(model)["max_lora_rank"] == adapters.DEFAULT_RANK
-    assert adapters.resolve_adapter("hf://someone/tiny-lora") == "someone/tiny-lora"
+
+
+
+def test_an_hf_adapter_is_fetched_at_its_revision_before_vllm_loads_it(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo, revision=None):
+        calls.append((repo, revision))
+        if repo == "someone/missing":
+            raise OSError("404 Client Error: Repository Not Found\nmore detail")
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert adapters.resolve_adapter("hf://someone/tiny-lora@v2") == str(tmp_path / "snapshot")
+    assert calls == [("someone/tiny-lora", "v2")]
+    refused = "cannot fetch hf://someone/missing: OSError: 404 Client Error: Repository Not Found$"
+    with pytest.raises(ValueError, match=refused):
+        adapters.resolve_adapter("hf://someone/missing")
 
 
 # -------------------------------------------------------------------------- refusals
@@ -237,3 +256,14 @@ def test_every_bad_adapter_of_a_fleet_is_named_at_once(made, base, tmp_path):
     assert "models[0].adapters[0].source" in text
     assert "models[0].adapters[1]" not in text
     assert "models[0].adapters[2].source: rank 32" in text
+
+
+def test_adapters_on_a_model_with_lora_off_are_refused(base, made):
+    spec = fleet(base, [{"name": "a", "source": str(made["r8"])}])
+    spec["models"][0]["engine"] = {"enable_lora": False}
+    assert "models[0].engine.enable_lora" in errors_of(spec)
+
+
+def test_an_adapter_cannot_set_the_model_queue_bound(base, made):
+    spec = fleet(base, [{"name": "a", "source": str(made["r8"]), "limits": {"max_queue_per_replica": 3}}])
+    assert "models[0].adapters[0].limits" in errors_of(spec)

@@ -159,6 +159,8 @@ def test_a_broken_adapter_is_reported_and_answers_503_while_the_rest_serve(admin
         complete(admin, BAD, "hi")
     assert err.value.status_code == 503
     assert err.value.body["code"] == "adapter_unavailable" and BAD in err.value.body["message"]
+    assert err.value.response.headers.get("retry-after")
+    assert "safetensors" not in err.value.body["message"]  # the reason is for operators: /fleet
     assert complete(admin, SQL, PROMPTS[0]) and complete(admin, BASE, PROMPTS[0])
 
 
