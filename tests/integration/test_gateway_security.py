@@ -102,7 +102,7 @@ def test_a_key_sees_and_uses_only_its_models(secure_stack):
     with pytest.raises(openai.NotFoundError):
         team.models.retrieve(SECRET)
     ops = client(secure_stack, OPS_KEY)
-    assert {m.id for m in ops.models.list().data} == {OPEN, SECRET, BUSY, PAIR}
+    assert {m.id for m in ops.models.list().data} == {OPEN, SECRET, SECRET_LORA, BUSY, PAIR}
 
 
 def test_fleet_and_metrics_need_an_admin_key(http):
