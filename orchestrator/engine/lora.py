@@ -59,7 +59,7 @@ class AdapterSet:
         info, reason = None, None
         try:
             path = await asyncio.to_thread(adapters.resolve_adapter, adapter.source)
-            info = await asyncio.to_thread(adapters.adapter_info, adapter.source)
+            info = await asyncio.to_thread(adapters.read_adapter_config, path)  # hf:// too, once fetched
         except (OSError, ValueError) as e:
             reason = str(e)
         if reason is None:
