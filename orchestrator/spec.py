@@ -24,10 +24,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator import sources, vllm_args
 from orchestrator.spec_parts import (
+    CLASSES,
     NAME_PATTERN,
     AdapterSpec,
     AutoscalingSpec,
+    ClassesSpec,
+    ClassSpec,
     DerivedDraft,
+    PriorityClass,
+    QueueSpec,
     RequestLimits,
     ResourcesSpec,
     RoutingPolicy,
@@ -36,7 +41,8 @@ from orchestrator.spec_parts import (
     _Strict,
 )
 
-__all__ = ["AdapterSpec", "AutoscalingSpec", "DerivedDraft", "RequestLimits", "ResourcesSpec", "RoutingPolicy",
+__all__ = ["CLASSES", "ClassesSpec", "ClassSpec", "PriorityClass", "QueueSpec",
+           "AdapterSpec", "AutoscalingSpec", "DerivedDraft", "RequestLimits", "ResourcesSpec", "RoutingPolicy",
            "RoutingSpec", "SpeculativeSpec", "ModelSpec", "GatewaySpec", "FleetSpec", "AuthSpec", "AuditSpec",
            "FieldError", "FleetValidationError", "field_errors", "parse_fleet", "load_fleet", "read_yaml",
            "parse_yaml", "read_fleet_data", "demo_fleet_path"]
@@ -100,6 +106,11 @@ class ModelSpec(_Strict):
         "no replica is ready do not. Needs autoscaling.min_replicas >= 1. /v1 keeps serving the model too.",
     )
 
+    queue: QueueSpec = Field(
+        default_factory=QueueSpec,
+        description="The gateway's fair queue for this model (priority classes, weighted shares between keys).",
+    )
+
     adapters: list[AdapterSpec] = Field(
         default_factory=list,
         description=(
@@ -138,6 +149,12 @@ class ModelSpec(_Strict):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
         return value
+
+    @property
+    def priority_scheduling(self) -> bool:
+        """Whether the engine schedules by request priority (the derived default for generative
+        models; ``engine.scheduling_policy: fcfs`` turns it off)."""
+        return self.task == "generate" and self.engine.get("scheduling_policy", "priority") == "priority"
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -182,6 +199,10 @@ class GatewaySpec(_Strict):
         8 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body; larger gets a 413.",
     )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request caps for every model.")
+    classes: ClassesSpec = Field(
+        default_factory=ClassesSpec,
+        description="Request classes (interactive > standard > batch): how long each may wait in the fair queue.",
+    )
 
 
 class FleetSpec(_Strict):

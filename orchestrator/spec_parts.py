@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from orchestrator import sources
 
 RoutingPolicy = Literal["least-queue", "prefix-affinity", "session", "round-robin"]
+# Request classes, highest first: a key's ``priority``; a request may lower its own.
+PriorityClass = Literal["interactive", "standard", "batch"]
+CLASSES: tuple[str, ...] = ("interactive", "standard", "batch")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 
 
@@ -43,6 +46,14 @@ class AutoscalingSpec(_Strict):
     drain_timeout_s: float = Field(
         120.0, ge=0, le=86400,
         description="How long a replica leaving service keeps serving its in-flight requests.",
+    )
+    scale_up_classes: list[PriorityClass] = Field(
+        default_factory=lambda: list(CLASSES), min_length=1,
+        description=(
+            "Request classes whose requests waiting in the gateway's fair queue count toward scaling up "
+            "(what runs in the engine always counts). Leave out batch so a batch backlog fills idle capacity "
+            "without buying replicas for it; any waiting request still wakes a model at zero."
+        ),
     )
 
     @model_validator(mode="after")
@@ -226,3 +237,61 @@ class AdapterSpec(_Strict):
         if sources.parse_source(value).kind == "gguf":
             raise ValueError("an adapter is a folder in PEFT layout (adapter_config.json), not a .gguf file")
         return value
+
+
+class QueueSpec(_Strict):
+    """The gateway's fair queue for one model: who goes first while its replicas are full."""
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Hold requests past the concurrency bound in the gateway, ordered by class (strict priority), "
+            "then by each key's weighted share of estimated tokens, first-come-first-served within a key. "
+            "false: every admitted request goes straight to the replicas (vLLM's first-come-first-served queue)."
+        ),
+    )
+    max_concurrency_per_replica: int | None = Field(
+        None, ge=1,
+        description=(
+            "Requests one replica runs at once before the rest wait in the gateway. Unset: the engine's "
+            "max_num_seqs (vLLM's default: 128 on CPU, 256 on GPU), past which vLLM would queue them itself."
+        ),
+    )
+    interactive_reserve: int | None = Field(
+        None, ge=0,
+        description=(
+            "Of those, the slots per replica only interactive requests may take, so an interactive request "
+            "starts at once while other classes fill the rest. Unset: an eighth of the bound (at least 1 "
+            "when the bound is above 1). 0: none."
+        ),
+    )
+
+    def bound(self, engine: dict[str, Any], accelerator: str) -> int:
+        """Requests one replica runs at once (``max_concurrency_per_replica`` or its default)."""
+        if self.max_concurrency_per_replica is not None:
+            return self.max_concurrency_per_replica
+        seqs = engine.get("max_num_seqs")
+        return int(seqs) if seqs else (128 if accelerator == "cpu" else 256)
+
+    def reserve(self, bound: int) -> int:
+        """Slots per replica kept for interactive requests."""
+        if self.interactive_reserve is not None:
+            return min(self.interactive_reserve, max(0, bound - 1))
+        return max(1, bound // 8) if bound > 1 else 0
+
+
+class ClassSpec(_Strict):
+    """How long a request of one class may wait in the gateway's fair queue."""
+
+    max_wait_s: float = Field(
+        ..., gt=0, le=86400,
+        description="Longest a request of this class waits for a slot; then 503 model_overloaded with Retry-After.",
+    )
+
+
+class ClassesSpec(_Strict):
+    """The request classes, highest first (a key's ``priority``)."""
+
+    interactive: ClassSpec = Field(default_factory=lambda: ClassSpec(max_wait_s=30), description="Chat turns.")
+    standard: ClassSpec = Field(default_factory=lambda: ClassSpec(max_wait_s=120), description="The default.")
+    batch: ClassSpec = Field(default_factory=lambda: ClassSpec(max_wait_s=600), description="Offline work.")

@@ -48,6 +48,10 @@ def engine_choices(spec: ModelSpec, kv_cache_bytes: int | None = None) -> dict[s
     chosen: dict[str, Any] = {}
     if kv_cache_bytes is not None and accelerator(spec) == "cpu" and "kv_cache_memory_bytes" not in spec.engine:
         chosen["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+    if spec.task == "generate" and "scheduling_policy" not in spec.engine:
+        # Request classes reach the engine as vLLM's request priority (the gateway's fair queue
+        # orders who enters; this orders who runs and who is preempted first inside it).
+        chosen["scheduling_policy"] = "priority"
     if spec.task == "embed" and "runner" not in spec.engine:
         chosen["runner"] = "pooling"
     if accelerator(spec) == "cpu" and "dtype" not in spec.engine:

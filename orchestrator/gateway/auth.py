@@ -9,6 +9,9 @@ holding the same YAML::
         models: ["smollm2-*"]  # globs; default: every model
         rpm: 600               # optional requests per minute
         tpm: 200000            # optional tokens per minute
+        tokens_per_day: 5000000  # optional daily budget (prompt + completion, UTC day)
+        priority: standard     # interactive > standard > batch (who goes first when a model is full)
+        weight: 1              # share among keys of the same class (by estimated tokens)
       - name: ops
         key: sk-...
         admin: true            # may read /fleet and /metrics
@@ -37,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.spec import FieldError, FleetValidationError, field_errors, parse_yaml, read_yaml
+from orchestrator.spec import FieldError, FleetValidationError, PriorityClass, field_errors, parse_yaml, read_yaml
 
 
 class KeySpec(BaseModel):
@@ -52,6 +55,12 @@ class KeySpec(BaseModel):
                               description="Model-name globs the key may use (default: all).")
     rpm: int | None = Field(None, ge=1, description="Requests per minute.")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + max_tokens, then actual).")
+    tokens_per_day: int | None = Field(
+        None, ge=1, description="Daily token budget (prompt + completion), per UTC day; then 429 until midnight UTC.")
+    priority: PriorityClass = Field(
+        "standard", description="The key's request class: interactive > standard > batch (strict priority).")
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="The key's share among keys of its class while a model is full.")
     admin: bool = Field(False, description="May read /fleet and /metrics.")
 
     @field_validator("key")
@@ -79,6 +88,9 @@ class KeyRecord:
     rpm: int | None
     tpm: int | None
     admin: bool
+    tokens_per_day: int | None = None
+    priority: str = "standard"
+    weight: float = 1.0
 
     def allows(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -96,7 +108,7 @@ class KeyStore:
         for spec in specs:
             salt = secrets.token_bytes(16)
             records.append(KeyRecord(spec.name, salt, _digest(salt, spec.key), tuple(spec.models), spec.rpm,
-                                     spec.tpm, spec.admin))
+                                     spec.tpm, spec.admin, spec.tokens_per_day, spec.priority, spec.weight))
         self.records = tuple(records)
 
     def authenticate(self, presented: str | None) -> KeyRecord | None:

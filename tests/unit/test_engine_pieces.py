@@ -166,7 +166,10 @@ def test_choices_never_override_the_fleet():
     assert engine_args.engine_choices(spec) == {"runner": "pooling", "dtype": "float32"}
     spec = make_spec(task="embed", resources={"accelerator": "cpu"}, engine={"dtype": "bfloat16", "runner": "pooling"})
     assert engine_args.engine_choices(spec) == {}
-    assert engine_args.engine_choices(make_spec(resources={"accelerator": "gpu"})) == {}
+    assert engine_args.engine_choices(make_spec(resources={"accelerator": "gpu"})) == {"scheduling_policy": "priority"}
+    fcfs = make_spec(resources={"accelerator": "gpu"}, engine={"scheduling_policy": "fcfs"})
+    assert engine_args.engine_choices(fcfs) == {} and not fcfs.priority_scheduling
+    assert make_spec(resources={"accelerator": "gpu"}).priority_scheduling
 
 
 def test_a_cpu_replica_takes_the_planned_kv_space_unless_the_fleet_sets_it():
@@ -192,7 +195,8 @@ def test_build_vllm_args_passes_engine_through():
     assert (eng.model, eng.served_model_name, eng.revision) == ("/models/m", ["m"], "main")
     assert (eng.max_model_len, eng.max_num_seqs, eng.dtype) == (512, 7, "float32")
     assert front.response_role == "bot"
-    assert chosen == {"dtype": "float32"}
+    assert chosen == {"dtype": "float32", "scheduling_policy": "priority"}
+    assert eng.scheduling_policy == "priority"
 
 
 def test_quantization_passes_through_and_shows_in_the_fleet_view():
