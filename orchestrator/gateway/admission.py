@@ -229,11 +229,12 @@ class Admission:
     async def admit(self, ctx: RequestContext, payload: dict[str, Any]) -> None:
         """Take the request and its reserved tokens from the key's limits, or raise 429."""
         key = ctx.key
-        if key is None or not (key.rpm or key.tpm):
+        if key is None or not (key.rpm or key.tpm or key.tokens_per_day):
             return
-        tokens = estimate_tokens(payload) if key.tpm else 0
+        tokens = estimate_tokens(payload) if key.tpm or key.tokens_per_day else 0
         try:
-            decision = await self._limiter_actor().acquire.remote(key.name, key.rpm, key.tpm, tokens)
+            decision = await self._limiter_actor().acquire.remote(key.name, key.rpm, key.tpm, tokens,
+                                                                  key.tokens_per_day)
         except Exception as e:  # noqa: BLE001 - the limiter actor restarting: admit rather than fail
             log.warning("rate limiter unavailable, admitting: %r", e)
             self._limiter = None
@@ -250,10 +251,12 @@ class Admission:
     def finish(self, ctx: RequestContext) -> None:
         """After the answer: reconcile the key's tokens with what it used; write the audit line."""
         usage = ctx.usage or {}
-        if ctx.reserved and ctx.key is not None and ctx.key.tpm:
+        if ctx.reserved and ctx.key is not None and (ctx.key.tpm or ctx.key.tokens_per_day):
             used = usage.get("total_tokens")
+            if not isinstance(used, int) and isinstance(ctx.status, int) and ctx.status >= 400:
+                used = 0  # refused by the model: nothing was generated
             if isinstance(used, int) and self._limiter is not None:
-                self._limiter.reconcile.remote(ctx.key.name, ctx.key.tpm, ctx.reserved, used)
+                self._limiter.reconcile.remote(ctx.key.name, ctx.key.tpm, ctx.reserved, used, ctx.key.tokens_per_day)
         if self.audit is not None:
             status = ctx.status
             if isinstance(status, str) and status.isdigit():
