@@ -99,6 +99,22 @@ class GatewayMetrics:
             "slm_fleet_state_errors_total", "Failed reads of the fleet-state actor (queue depth, start failures).",
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "slm_queue_wait_seconds", "Time requests waited in the gateway's fair queue, by model and class.",
+            ["model", "class"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queued = Gauge(
+            "slm_queued_requests", "Requests waiting in this gateway replica's fair queue, by model and class.",
+            ["model", "class"], registry=self.registry,
+        )
+        self.queue_timeouts = Counter(
+            "slm_queue_timeouts_total", "Requests that waited past their class's max_wait_s (503).",
+            ["model", "class"], registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            "slm_key_tokens_total", "Tokens of finished requests by API key, class and kind (prompt, completion).",
+            ["key", "class", "kind"], registry=self.registry,
+        )
         self.streams = Counter(
             "slm_streams_total", "Streams by how their body travelled: direct (the replica-to-gateway channel) "
             "or ray (the fallback through the Serve handle).", ["model", "transport"], registry=self.registry,

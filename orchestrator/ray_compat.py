@@ -136,3 +136,27 @@ def deploy_applications(applications: list[dict[str, Any]]) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     _get_global_client().deploy_apps(ServeDeploySchema.parse_obj({"applications": applications}))
+
+
+# Ray's GCS key-value store: small state that must outlive the actor that keeps it (the
+# rate limiter's daily token usage). It lives as long as the Ray cluster (longer with GCS
+# fault tolerance); the keys carry their application's name.
+KV_NAMESPACE = "slm-orchestrator"
+
+
+def _kv():
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        raise RuntimeError("Ray's key-value store is not reachable from this process (Ray is not initialized)")
+    return internal_kv
+
+
+def kv_get(key: str) -> bytes | None:
+    """The value stored under ``key`` in this project's namespace of Ray's GCS key-value store."""
+    return _kv()._internal_kv_get(key, namespace=KV_NAMESPACE)
+
+
+def kv_put(key: str, value: bytes) -> None:
+    """Store ``value`` under ``key`` (replacing it) in this project's namespace of Ray's GCS key-value store."""
+    _kv()._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)

@@ -26,6 +26,7 @@ QUEUE_DEPTH_METRIC = "queue_depth"
 _PUBLISH_EVERY_S = 1.0
 _LOOKUP_EVERY_S = 5.0
 _REFRESH_EVERY_S = 30.0  # the actor may have been recreated (gateway restart)
+_WAITING_MAX_AGE_S = 5.0  # an older read of the gateways' queues counts as nothing waiting
 
 
 class QueueDepthPolicy:
@@ -44,8 +45,13 @@ class QueueDepthPolicy:
         self.last_scale: dict[str, Any] | None = None
         self.counts = {"up": 0, "down": 0}
         self._last_target: int | None = None
+        self.scale_up_classes = set(limits.get("scale_up_classes") or ("interactive", "standard", "batch"))
+        self._waiting: tuple[float, dict[str, int]] = (0.0, {})
+        self._waiting_ref = None
 
-    def observe(self, ctx) -> Observation:
+    def observe(self, ctx, waiting: dict[str, int] | None = None) -> Observation:
+        """What the replicas and handles report, plus ``waiting``: the requests per class in the
+        gateways' fair queues (those of ``scale_up_classes`` count; any of them wakes a model at zero)."""
         per_replica = (ctx.aggregated_metrics or {}).get(QUEUE_DEPTH_METRIC) or {}
         queued_at_handles = float(ctx.total_queued_requests or 0)
         if per_replica:
@@ -53,13 +59,40 @@ class QueueDepthPolicy:
         else:
             # No replica has reported yet (just started, or none running): Serve's own count.
             queue = float(ctx.total_num_requests or 0)
+        waiting = waiting or {}
+        queue += sum(float(n) for c, n in waiting.items() if c in self.scale_up_classes)
         running = int(ctx.current_num_replicas)
         starting = max(0, int(ctx.target_num_replicas) - running)
+        if running + starting == 0 and any(waiting.values()):
+            queue = max(queue, 1.0)  # a batch backlog alone still needs one replica to run on
         return Observation(queue_depth=round(queue, 2), running=running, starting=starting)
+
+    def gateway_waiting(self, app_name: str | None, now: float) -> dict[str, int]:
+        """The gateways' fair queues of this model, per class: the answer to the previous tick's
+        read of the fleet state (the controller's loop never waits on an actor)."""
+        if self._waiting_ref is None:
+            actor = self.state_actor(app_name, now)
+            if actor is not None:
+                try:
+                    ref = actor.gateway_queue.remote(self.model)
+                    self._waiting_ref = ref
+                    ref.future().add_done_callback(self._waiting_read)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("autoscaler: reading the gateway queue failed: %r", e)
+                    self._actor, self._waiting_ref = None, None
+        at, waiting = self._waiting
+        return waiting if now - at <= _WAITING_MAX_AGE_S else {}
+
+    def _waiting_read(self, future) -> None:
+        try:
+            self._waiting = (time.time(), dict(future.result()))
+        except Exception as e:  # noqa: BLE001 - the actor away: counted as nothing waiting
+            log.debug("autoscaler: gateway queue read failed: %r", e)
+        self._waiting_ref = None
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time or time.time()
-        obs = self.observe(ctx)
+        obs = self.observe(ctx, self.gateway_waiting(self.fleet_app or ctx.app_name, now))
         saved = ctx.policy_state or {}
         state = State(saved.get("want_up_since"), saved.get("want_down_since"), saved.get("last_busy"))
         if self._last_target is not None and ctx.target_num_replicas > self._last_target == 0:

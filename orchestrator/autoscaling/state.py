@@ -24,6 +24,8 @@ ENGINE_METRICS_IDLE_PUSH_S = 5.0  # an idle replica's metrics do not change: a h
 ENGINE_METRICS_MAX_AGE_S = 15.0  # then the replica is gone (or stuck)
 # A replica reports its adapters after each change and every 30 s; an older report is dropped.
 ADAPTER_REPORT_MAX_AGE_S = 120.0
+# A gateway replica reports its fair queues every second while they are not empty.
+GATEWAY_QUEUE_MAX_AGE_S = 5.0
 
 
 def actor_name(app_name: str) -> str:
@@ -39,6 +41,7 @@ class FleetState:
         self._start_failures: dict[str, dict[str, Any]] = {}
         self._memory: dict[str, dict[str, Any]] = {}
         self._adapters: dict[str, tuple[float, str, dict[str, dict[str, Any]]]] = {}  # replica -> (at, model, states)
+        self._gateway_queues: dict[str, tuple[float, dict[str, Any]]] = {}  # gateway replica -> (at, stats)
 
     def record(self, model: str, snapshot: dict[str, Any]) -> None:
         snapshot = dict(snapshot)
@@ -54,7 +57,41 @@ class FleetState:
             out.setdefault(model, {})["memory"] = memory
         for model, reports in self.adapter_reports().items():
             out.setdefault(model, {})["adapter_reports"] = reports
+        for model, queue in self.gateway_queues().items():
+            out.setdefault(model, {})["gateway_queue"] = queue
         return out
+
+    def record_gateway_queue(self, replica: str, stats: dict[str, Any]) -> None:
+        """A gateway replica's fair queues (``{model: {class: {"queued", "oldest_wait_s"}, ...}}``),
+        every second while anything waits there and once when it empties."""
+        if not isinstance(stats, dict):
+            raise TypeError(f"record_gateway_queue: stats is a {type(stats).__name__}, not a dict")
+        self._gateway_queues[str(replica)] = (time.time(), stats)
+
+    def gateway_queues(self, max_age_s: float = GATEWAY_QUEUE_MAX_AGE_S) -> dict[str, dict[str, Any]]:
+        """Per model, summed over the gateway replicas heard from within ``max_age_s``: per class
+        ``queued`` and the ``oldest_wait_s``, and ``gateways`` (how many reported)."""
+        now = time.time()
+        out: dict[str, dict[str, Any]] = {}
+        for replica, (at, stats) in list(self._gateway_queues.items()):
+            if now - at > max_age_s:
+                del self._gateway_queues[replica]
+                continue
+            for model, classes in stats.items():
+                view = out.setdefault(model, {"gateways": 0})
+                view["gateways"] += 1
+                for cls, s in classes.items():
+                    if not isinstance(s, dict):
+                        continue
+                    mine = view.setdefault(cls, {"queued": 0, "oldest_wait_s": 0.0})
+                    mine["queued"] += int(s.get("queued") or 0)
+                    mine["oldest_wait_s"] = max(mine["oldest_wait_s"], float(s.get("oldest_wait_s") or 0.0))
+        return out
+
+    def gateway_queue(self, model: str) -> dict[str, int]:
+        """Requests of ``model`` waiting in the gateways' fair queues, per class (the policy's read)."""
+        view = self.gateway_queues().get(model, {})
+        return {c: int(s["queued"]) for c, s in view.items() if isinstance(s, dict)}
 
     def record_adapters(self, replica_id: str, model: str, states: dict[str, dict[str, Any]]) -> None:
         """A replica's LoRA adapter states, after each change and as a heartbeat: adapter name ->

@@ -28,7 +28,7 @@ from orchestrator.gateway import auth as keys
 from orchestrator.gateway import capacity, ratelimit
 from orchestrator.gateway.audit import AuditLog
 from orchestrator.gateway.http import REQUEST_ID
-from orchestrator.spec import FleetSpec, ModelSpec, RequestLimits
+from orchestrator.spec import CLASSES, FleetSpec, ModelSpec, RequestLimits
 
 log = logging.getLogger("orchestrator.gateway")
 
@@ -56,6 +56,9 @@ class RequestContext:
     usage: dict[str, Any] | None = None
     body: Any = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    cls: str = "standard"  # the request's class (its key's, or lower if it asked)
+    cost: int = 0  # estimated tokens: its weight in the fair queue
+    ticket: Any = None  # its place in the fair queue (orchestrator.gateway.fairqueue.Ticket)
     track: str | None = None  # the stream's token in the routers' in-flight view
     body_started: bool = False  # the stream's body generator ran (its finally will clean up)
 
@@ -96,6 +99,35 @@ def estimate_tokens(payload: dict[str, Any]) -> int:
     if "input" in payload and "messages" not in payload and "prompt" not in payload:
         output = 0  # embeddings produce no tokens
     return chars // 4 + 1 + output
+
+
+# The header a request may lower its class with; OpenAI's service_tier maps onto the classes
+# ("auto", "default" and "scale": the key's own class).
+CLASS_HEADER = "x-slm-priority"
+SERVICE_TIERS = {"priority": "interactive", "flex": "batch", "auto": None, "default": None, "scale": None}
+# vLLM's request priority per class (lower runs first) under scheduling_policy: priority.
+ENGINE_PRIORITY = {"interactive": 0, "standard": 1, "batch": 2}
+
+
+def request_class(key: keys.KeyRecord | None, headers: Any, payload: dict[str, Any]) -> str:
+    """The request's class: its key's ``priority`` (anonymous: standard), lowered (never raised)
+    by the ``x-slm-priority`` header or the body's ``service_tier``; 400 for an unknown value."""
+    own = key.priority if key is not None else "standard"
+    asked = [own]
+    header = headers.get(CLASS_HEADER)
+    if header is not None:
+        value = header.strip().lower()
+        if value not in CLASSES:
+            raise errors.InvalidRequest(f"The {CLASS_HEADER} header must be one of {', '.join(CLASSES)}; "
+                                        f"got {header[:40]!r}")
+        asked.append(value)
+    tier = payload.get("service_tier")
+    if tier is not None:
+        if tier not in SERVICE_TIERS:
+            raise errors.InvalidRequest(f"service_tier must be one of {', '.join(SERVICE_TIERS)}",
+                                        param="service_tier")
+        asked.append(SERVICE_TIERS[tier] or own)
+    return max(asked, key=CLASSES.index)  # the lowest of them
 
 
 class Admission:
@@ -209,6 +241,12 @@ class Admission:
                 raise errors.InvalidRequest(f"This endpoint serves only the model '{serves}' and its adapters; "
                                             f"send requests for '{payload['model']}' to /v1", param="model")
             ctx.model, ctx.stream = payload["model"], stream
+            ctx.cls = request_class(ctx.key, request.headers, payload)
+            ctx.cost = estimate_tokens(payload)
+            if spec.priority_scheduling:
+                payload["priority"] = ENGINE_PRIORITY[ctx.cls]  # a client's own value never raises it
+            else:
+                payload.pop("priority", None)
             if self.audit is not None and self.audit.include_prompts:
                 ctx.body = payload
             await capacity(spec)
@@ -263,7 +301,9 @@ class Admission:
                 status = int(status)
             self.audit.write({
                 "request_id": ctx.request_id, "gateway": self._replica, "key": ctx.key.name if ctx.key else None,
-                "model": ctx.model,
+                "model": ctx.model, "class": ctx.cls,
+                "queue_wait_ms": round(ctx.ticket.waited_s * 1000, 1) if ctx.ticket is not None else None,
+                "queue_overtaken": ctx.ticket.overtaken if ctx.ticket is not None else None,
                 "endpoint": ctx.endpoint, "status": status, "stream": ctx.stream,
                 "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
                 "latency_ms": round((time.perf_counter() - ctx.started) * 1000, 1), "body": ctx.body,

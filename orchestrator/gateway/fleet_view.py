@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from orchestrator import footprint, names
+from orchestrator.gateway.queueing import queue_view
 from orchestrator.metrics import GatewayMetrics, merge_exposition, spec_decode_rates, spec_decode_totals
 from orchestrator.spec import FleetSpec, ModelSpec
 
@@ -163,6 +164,17 @@ class FleetView:
         states = await asyncio.wait_for(asyncio.shield(self._status_read), STATUS_READ_TIMEOUT_S)
         self._status = (now, states)
         return states
+
+    def running_replicas(self, model: str) -> int | None:
+        """``model``'s running replicas as last read (None: not read yet); never waits."""
+        self.keep_fresh()
+        return None if self._status is None else self._status[1].get(model, {}).get("RUNNING", 0)
+
+    def report_queue(self, replica: str | None, stats: dict[str, Any]) -> None:
+        """Send this gateway replica's fair queues to the fleet state (fire and forget)."""
+        actor = self.state_actor()
+        if actor is not None and replica:
+            actor.record_gateway_queue.remote(replica, stats)
 
     async def has_ready_replica(self, model: str) -> bool:
         return (await self.replica_states()).get(model, {}).get("RUNNING", 0) > 0
@@ -339,6 +351,7 @@ class FleetView:
                     "decisions": snap.get("decisions", {"up": 0, "down": 0}),
                 },
                 "routing": self.routing_view(m),
+                "queue": queue_view(m, snap.get("gateway_queue")),
                 **static,
                 "footprint": {**(static.get("footprint") or {}),
                               **self.kv_view(m, static.get("footprint"), snap.get("memory"))},

@@ -23,6 +23,7 @@ from orchestrator.gateway import capacity
 from orchestrator.gateway.admission import Admission
 from orchestrator.gateway.fleet_view import FleetView
 from orchestrator.gateway.http import openai_api
+from orchestrator.gateway.queueing import Queues
 from orchestrator.gateway.relay import Relay
 from orchestrator.metrics import GatewayMetrics
 from orchestrator.routing import policy as routing
@@ -61,8 +62,10 @@ class Gateway:
         self.admission = Admission(self.fleet, app_name, replica)
         self.view = FleetView(self.fleet, self.handles, deployments, lanes, app_name, self.metrics)
         self.view.state_actor()
+        self.queues = Queues(self.fleet, self.metrics, self.view.running_replicas,
+                             lambda stats: self.view.report_queue(replica, stats))
         self.relay = Relay(self.handles, self.view, self.metrics, self.fleet.gateway.request_timeout_s,
-                           self.admission.finish)
+                           self.admission.finish, self.queues)
 
     def reconfigure(self, config: dict[str, Any] | None) -> None:
         """Serve's ``user_config`` hook: the fleet's LoRA adapters (``{"adapters": [{"name",
@@ -131,6 +134,8 @@ class Gateway:
         adapter = ctx.model if ctx.model != spec.name and spec.routing.adapter_affinity else None
         key = routing.route_key(spec.routing.policy, endpoint, payload, request.headers, spec.routing.prefix_chars,
                                 adapter)
+        ctx.ticket = self.queues.enter(spec.name, ctx.key.name if ctx.key else "", ctx.cls, ctx.cost,
+                                       ctx.key.weight if ctx.key else 1.0)
         return await self.relay.serve(ctx, endpoint, payload, spec, stream, key)
 
     # -- operations -------------------------------------------------------------------

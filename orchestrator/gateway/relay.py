@@ -20,6 +20,7 @@ from orchestrator import errors, wire
 from orchestrator.gateway.admission import RequestContext
 from orchestrator.gateway.fleet_view import FleetView
 from orchestrator.gateway.http import SSE, GuardedStream, error_event
+from orchestrator.gateway.queueing import Queues
 from orchestrator.metrics import GatewayMetrics
 from orchestrator.routing import policy as routing
 from orchestrator.spec import ModelSpec
@@ -121,7 +122,8 @@ class Relay:
     request's admission bookkeeping once it ended, however it ended."""
 
     def __init__(self, handles: dict[str, Any], view: FleetView, metrics: GatewayMetrics, timeout_s: float,
-                 finish: Callable[[RequestContext], None]):
+                 finish: Callable[[RequestContext], None], queues: Queues | None = None):
+        self.queues = queues
         self.handles = handles
         self.stream_handles = {name: h.options(stream=True) for name, h in handles.items()}
         self.view = view
@@ -143,6 +145,14 @@ class Relay:
         status: int | str = 500
         inbox: wire.InboxStream | None = None
         try:
+            waiting = ctx.ticket is not None and ctx.ticket.state == "waiting"
+            if waiting and stream and not await self.queues.wait(model, ctx.ticket, HOLD_NOTICE_S):
+                # Its model is full: answer now and keep the connection alive while it waits.
+                handed_off = True
+                return GuardedStream(self._queued_stream(ctx, spec, endpoint, payload, route_key), ctx,
+                                     lambda: self._end_request(ctx, model, endpoint, "cancelled"), ctx.headers)
+            if waiting and not stream:
+                await self._queued(ctx, spec)
             if not stream:
                 status, answer = await self._call(spec, endpoint, payload, route_key, started)
                 ctx.note_usage(answer)
@@ -213,6 +223,63 @@ class Relay:
                     task.cancel()
                     response.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _queued(self, ctx: RequestContext, spec: ModelSpec, step_s: float = HOLD_CHECK_S) -> None:
+        """Wait in the model's fair queue for a slot (raises 503 past the class's max_wait_s,
+        or as a held request at a cold model would)."""
+        hold = Hold(self, spec, ctx.started)
+        try:
+            while not await self.queues.wait(spec.name, ctx.ticket, step_s):
+                failure = await hold.check()
+                if failure is not None:
+                    raise failure
+        finally:
+            hold.release()
+
+    async def _queued_stream(self, ctx: RequestContext, spec: ModelSpec, endpoint: str, payload: dict[str, Any],
+                             route_key: str | None):
+        """A stream waiting in its model's fair queue: SSE comments until it has a slot, then
+        the stream (held further if no replica is ready)."""
+        ctx.body_started = True
+        model = spec.name
+        hold = Hold(self, spec, ctx.started)
+        granted, status = False, "cancelled"
+        try:
+            yield f": waiting in the queue of '{model}' ({ctx.cls})\n\n".encode()
+            last = time.perf_counter()
+            while True:
+                try:
+                    if await self.queues.wait(model, ctx.ticket, HOLD_CHECK_S):
+                        break
+                    failure = await hold.check()
+                except errors.OrchestratorError as e:
+                    failure = e
+                if failure is not None:
+                    status = str(failure.status)
+                    yield error_event(failure)
+                    return
+                if time.perf_counter() - last >= KEEPALIVE_S:
+                    last = time.perf_counter()
+                    yield f": waiting in the queue of '{model}' ({last - ctx.started:.0f}s)\n\n".encode()
+            try:
+                inbox = await self._open_inbox_stream()
+                ctx.track = uuid.uuid4().hex
+                gen = self.stream_handles[model].stream.remote(endpoint, payload, route_key=route_key,
+                                                               reply_to=inbox.reply_to if inbox else None,
+                                                               track=ctx.track)
+                first = asyncio.ensure_future(gen.__anext__())
+            except Exception as e:  # noqa: BLE001 - becomes an error event
+                failure = self._upstream_error(model, e)
+                status = str(failure.status)
+                yield error_event(failure)
+                return
+            granted = True  # from here _held_stream ends the request
+        finally:
+            hold.release()
+            if not granted:
+                self._end_request(ctx, model, endpoint, status)
+        async for chunk in self._held_stream(first, gen, spec, endpoint, ctx.started, ctx, inbox):
+            yield chunk
 
     async def _await_held(self, task: asyncio.Future, spec: ModelSpec, started: float):
         """``task``'s result; 503 once cold_start_timeout_s passes with no ready replica, 504
@@ -364,6 +431,8 @@ class Relay:
         counted (``status``: an HTTP code or "cancelled"), its bookkeeping released."""
         if inbox is not None:
             inbox.close()
+        if self.queues is not None:
+            self.queues.release(model, ctx.ticket)
         label = ctx.model or model
         self.metrics.in_flight.labels(label).dec()
         self.in_flight[model] -= 1
@@ -373,6 +442,7 @@ class Relay:
             used = (ctx.usage or {}).get(f"{kind}_tokens")
             if isinstance(used, int) and used > 0:
                 self.metrics.tokens.labels(label, kind).inc(used)
+                self.metrics.key_tokens.labels(ctx.key.name if ctx.key else "anonymous", ctx.cls, kind).inc(used)
         ctx.status = status
         routing.IN_FLIGHT.finished(ctx.track)
         self._finish(ctx)
