@@ -78,8 +78,10 @@ class FleetState:
                 del self._gateway_queues[replica]
                 continue
             for model, classes in stats.items():
-                view = out.setdefault(model, {"gateways": 0})
+                view = out.setdefault(model, {"gateways": 0, "in_flight": 0, "limit": 0})
                 view["gateways"] += 1
+                view["in_flight"] += int(classes.get("in_flight") or 0)
+                view["limit"] += int(classes.get("limit") or 0)
                 for cls, s in classes.items():
                     if not isinstance(s, dict):
                         continue

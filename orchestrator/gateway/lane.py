@@ -10,12 +10,14 @@ connections first), and the replica streams the tokens itself.
 What applies here as on ``/v1`` (``orchestrator.gateway.admission``): API keys and the models
 each key may use, request caps, body size, rate limits (the gateway's limiter actor, so a
 key's budget is shared by both entry points), request ids, the audit log, OpenAI error
-envelopes, client-disconnect aborts, and admission control (``max_queue_per_replica``, checked
-against this replica's own engine queue), in the same sequence (``Admission.enter``).
+envelopes, client-disconnect aborts, admission control (``max_queue_per_replica``, checked
+against this replica's own engine queue), and request classes as vLLM's request priority, in
+the same sequence (``Admission.enter``).
 
-What only ``/v1`` does: least-queue and prefix-aware routing (HAProxy balances by open
-connections instead), holding requests while a model has no ready replica (so a fast lane
-needs ``min_replicas >= 1``), retrying a request whose replica died before answering, and the
+What only ``/v1`` does: the fair queue (waiting by class and key weight, ``max_wait_s``),
+least-queue and prefix-aware routing (HAProxy balances by open connections instead),
+holding requests while a model has no ready replica (so a fast lane needs
+``min_replicas >= 1``), retrying a request whose replica died before answering, and the
 gateway's own request metrics (vLLM's engine metrics still count every request).
 """
 

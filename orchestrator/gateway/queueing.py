@@ -207,4 +207,8 @@ def queue_view(spec: ModelSpec, reported: dict[str, Any] | None) -> dict[str, An
         "classes": {c: {"queued": int((reported.get(c) or {}).get("queued", 0)),
                         "oldest_wait_s": float((reported.get(c) or {}).get("oldest_wait_s", 0.0))} for c in CLASSES},
         "scale_up_classes": list(spec.autoscaling.scale_up_classes),
+        # What the gateway replicas that reported have dispatched, and the sum of their bounds.
+        "in_flight": int(reported.get("in_flight", 0)),
+        "limit": int(reported.get("limit", 0)),
+        "gateways_reporting": int(reported.get("gateways", 0)),
     }
