@@ -15,8 +15,8 @@ caller's ``release`` takes it out at once), or the model has no ready replica an
 holding gives up (``Hold``, the same checks as for a request held at a cold model: at zero
 replicas the queue's bound is 0, so a cold model's requests wait here, in class order).
 
-Every second while anything waits, each gateway replica reports its queue per class to the
-fleet-state actor: the autoscaling policy adds the waiting requests of the model's
+Every second while it has requests waiting or running, each gateway replica reports its
+queue per class to the fleet-state actor: the autoscaling policy adds the waiting requests of the model's
 ``scale_up_classes`` to the engine queue it scales on, and ``/fleet`` shows them.
 """
 
@@ -103,6 +103,8 @@ class ModelQueue:
         elif self.fair.remove(t):
             self._futures.pop(t, None)
             self._gauge(t.cls)
+        if self.in_flight == 0:
+            self.fair.idle()
 
     async def wait(self, t: Ticket, timeout_s: float) -> bool:
         """Up to ``timeout_s`` for ``t``'s slot; True once it has it."""
@@ -145,8 +147,8 @@ class Queues:
             return None
         queue.set_running(self.running(model))
         t = Ticket(key, cls, max(1.0, float(cost)), weight)
-        if not queue.push(t):
-            self._keep_reporting()
+        queue.push(t)
+        self._keep_reporting()
         return t
 
     async def wait(self, model: str, t: Ticket, timeout_s: float) -> bool:
@@ -179,13 +181,13 @@ class Queues:
             self._reporter = asyncio.ensure_future(self._report_loop())
 
     async def _report_loop(self) -> None:
-        """Every REPORT_S while anything waits (and once after): recheck the bounds (replicas
-        started or left) and report the queues."""
+        """Every REPORT_S while anything waits or runs (and once after): recheck the bounds
+        (replicas started or left) and report the queues."""
         while True:
             busy = False
             for model, queue in self.queues.items():
                 queue.set_running(self.running(model))
-                busy = busy or len(queue.fair) > 0
+                busy = busy or len(queue.fair) > 0 or queue.in_flight > 0
             try:
                 self._report(self.stats())
             except Exception as e:  # noqa: BLE001 - visibility and scaling hints only
