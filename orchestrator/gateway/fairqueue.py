@@ -6,7 +6,8 @@ a request's start tag is the later of the class's virtual time and its key's las
 tag, its finish tag ``start + cost / weight``; the waiting request with the smallest start
 tag goes next and the class's virtual time moves to it. A key that was idle starts at the
 virtual time (no credit saved up); a key with a backlog is served in proportion to its
-weight, whatever its requests' sizes; FIFO within a key (its tags only grow).
+weight, whatever its requests' sizes; FIFO within a key (its tags only grow). Once nothing
+waits or runs (``idle``), every key's tag is forgotten, so no debt is carried either.
 
 Example::
 
@@ -148,6 +149,16 @@ class FairQueue:
             t.waited_s = max(0.0, self.clock() - t.arrived)
         t.state = "granted"
         self.dispatched += 1
+
+    def idle(self) -> None:
+        """The model has nothing running and nothing waits: the busy period ends and every key's
+        tag with it (start-time fair queuing's reset). Otherwise the virtual time, which moves
+        only with dispatched start tags, would keep a key's last finish tag from a request it
+        ran alone and hold its next one back behind that many tokens of the next busy period."""
+        if len(self):
+            return
+        for q in self.classes.values():
+            q.last_finish.clear()
 
     def remove(self, t: Ticket) -> bool:
         """Take out a waiting request (client gone, timed out); False if it was not waiting."""
