@@ -5,7 +5,8 @@
   (:class:`StreamMetrics`).
 * Prompts: :class:`PromptFactory` makes seeded prompts of plain English words, optionally behind one of a few
   long shared prefixes.
-* Load shapes: :func:`shape_at` gives the ``(users, spawn_rate)`` of a scenario at a point in time.
+* Load shapes: :func:`shape_at` gives the ``(users, spawn_rate)`` of a scenario at a point in time;
+  :func:`neighbour_users` checks the noisy-neighbour scenario's two user counts.
 * Models: :func:`load_fleet`, :func:`models_from_listing`, :func:`parse_weights` and :func:`build_catalog`.
 * SLO gate: :func:`run_summary` folds Locust stats entries into a :class:`RunSummary`, :func:`evaluate_slos`
   checks it against :class:`SLOTargets` (percentiles by Locust's rule: ``loadtests.stats``).
@@ -30,8 +31,10 @@ from loadtests.stats import histogram_percentile
 LLM = "LLM"
 """``request_type`` of the metric entries (TTFT, TPOT, ITL, tokens/s) in Locust's stats."""
 TASKS = ("generate", "embed")
-SCENARIOS = ("steady", "ramp", "burst", "shared-prefix", "cold-start")
+SCENARIOS = ("steady", "ramp", "burst", "shared-prefix", "cold-start", "noisy-neighbour")
 RAMP_STEPS = 5
+# Name prefixes of the noisy-neighbour scenario's stats entries, per user class.
+NEIGHBOUR_CHAT, NEIGHBOUR_NOISY = "noisy-neighbour chat ", "noisy-neighbour noisy "
 
 
 class ConfigError(ValueError):
@@ -248,14 +251,17 @@ def shape_at(scenario: str, t: float, users: int, run_time: float | None, spawn_
 
     steady, shared-prefix: ``users`` throughout. ramp: 1 to ``users`` in :data:`RAMP_STEPS` equal steps.
     burst: ``users // 8`` (at least 1) in the first and last thirds, ``users`` in the middle one.
-    cold-start: 0 users for ``cold_start_wait`` seconds, then ``users``. Jumps of burst and cold-start spawn all
-    users within a second; the others use ``spawn_rate``. ramp and burst need a ``run_time``.
+    cold-start: 0 users for ``cold_start_wait`` seconds, then ``users``. noisy-neighbour: ``users`` (noisy and
+    chat together) throughout. Jumps of burst and cold-start, and noisy-neighbour's start, spawn all users within
+    a second; the others use ``spawn_rate``. ramp and burst need a ``run_time``.
     """
     check_scenario(scenario, run_time)
     if run_time is not None and t >= run_time:
         return None
     if scenario in ("steady", "shared-prefix"):
         return users, spawn_rate
+    if scenario == "noisy-neighbour":
+        return users, max(spawn_rate, float(users))
     if scenario == "cold-start":
         return (0, spawn_rate) if t < cold_start_wait else (users, max(spawn_rate, float(users)))
     assert run_time  # checked above: ramp and burst have one
@@ -264,6 +270,13 @@ def shape_at(scenario: str, t: float, users: int, run_time: float | None, spawn_
         return 1 + round((users - 1) * step / (RAMP_STEPS - 1)), spawn_rate
     low = max(1, users // 8)
     return (users if run_time / 3 <= t < 2 * run_time / 3 else low), max(spawn_rate, float(users))
+
+
+def neighbour_users(noisy_users: int, chat_users: int) -> int:
+    """The noisy-neighbour scenario's users (noisy + chat); :class:`ConfigError` unless each is >= 1."""
+    if noisy_users < 1 or chat_users < 1:
+        raise ConfigError(f"--noisy-users and --chat-users must be >= 1, got {noisy_users} and {chat_users}")
+    return noisy_users + chat_users
 
 
 # --------------------------------------------------------------------------- models
@@ -351,9 +364,14 @@ class Catalog:
         return rng.choices([name for name, _ in options], [weight for _, weight in options])[0]
 
 
-def build_catalog(models: Sequence[ModelInfo], weights: Mapping[str, float], source: str) -> Catalog:
-    """Weight the models of ``source`` (weight 1 unless named in ``weights``; 0 drops a model)."""
+def build_catalog(models: Sequence[ModelInfo], weights: Mapping[str, float], source: str, only: str = "") -> Catalog:
+    """Weight the models of ``source`` (weight 1 unless named in ``weights``; 0 drops a model); ``only``: that
+    model alone (``--model``)."""
     known = {m.name for m in models}
+    if only:
+        if only not in known:
+            raise ConfigError(f"--model: unknown model {only}; {source} has: {', '.join(sorted(known)) or 'none'}")
+        models = [m for m in models if m.name == only]
     unknown = sorted(set(weights) - known)
     if unknown:
         raise ConfigError(f"--model-weights: unknown model(s) {', '.join(unknown)}; "
@@ -398,19 +416,21 @@ class RunSummary:
 
 def run_summary(entries: Iterable[StatsEntryLike], duration_s: float) -> RunSummary:
     """Fold Locust stats entries: ``TTFT <model>`` / ``TPOT <model>`` histograms merge across models,
-    request counts come from the non-LLM (HTTP) entries, tokens from the ``tokens/s <model>`` entries."""
+    request counts come from the non-LLM (HTTP) entries, tokens from the ``tokens/s <model>`` entries.
+    noisy-neighbour's chat entries count as those; its noisy user's only for tokens."""
     ttft: Counter[int] = Counter()
     tpot: Counter[int] = Counter()
     requests = failures = tokens = 0
     for e in entries:
+        name = e.name.removeprefix(NEIGHBOUR_CHAT)
         if e.method != LLM:
             requests += e.num_requests
             failures += e.num_failures
-        elif e.name.startswith("TTFT "):
+        elif name.startswith("TTFT "):
             ttft.update(e.response_times)
-        elif e.name.startswith("TPOT "):
+        elif name.startswith("TPOT "):
             tpot.update(e.response_times)
-        elif e.name.startswith("tokens/s "):
+        elif name.removeprefix(NEIGHBOUR_NOISY).startswith("tokens/s "):
             tokens += e.total_content_length
     return RunSummary(dict(ttft), dict(tpot), requests, failures, tokens, duration_s)
 

@@ -23,6 +23,11 @@ Examples (from the repository root, the gateway at http://127.0.0.1:8000)::
         --scenario cold-start --cold-start-wait 60
     locust -f loadtests/locustfile.py --headless -H http://127.0.0.1:8000 -u 16 -r 16 -t 5m \\
         --scenario shared-prefix --prefix-groups 8 --shared-prefix-words 600
+    # noisy neighbour: 48 users of key A stream 512 tokens each while one user of key B sends short turns;
+    # run it once per model (e.g. fair, then fifo) and compare the "noisy-neighbour chat TTFT" rows
+    locust -f loadtests/locustfile.py --headless -H http://127.0.0.1:8000 -t 2m --scenario noisy-neighbour \\
+        --model fair --api-key "$KEY_B" --noisy-key "$KEY_A" --noisy-users 48 --noisy-max-tokens 512 \\
+        --max-tokens 16 --ignore-eos --csv out/fair
     # models and weights from a fleet file, with an API key
     locust -f loadtests/locustfile.py --headless -H http://127.0.0.1:8000 -u 8 -t 2m \\
         --fleet examples/fleet-gpu.yaml --model-weights qwen3-1.7b=3,llama-3.2-3b-instruct=1 --api-key "$KEY"
@@ -45,6 +50,10 @@ entries of type ``LLM``, from successful requests, whose "response time" columns
   non-streaming chat and completions). Its "ms" columns are tokens/s, its content size is the token count;
 * ``cold-start TTFT <model>`` (``--scenario cold-start``): the first TTFT measured for each model (per Locust
   process; with ``--tags stream`` the first request is a streamed one).
+* ``noisy-neighbour chat <metric> <model>`` and ``noisy-neighbour noisy <metric> <model>`` (``--scenario
+  noisy-neighbour``): the same metrics per user class (no ITL for the noisy one), after the HTTP entries
+  ``POST /v1/chat/completions [noisy-neighbour chat|noisy] <model>``. The noisy key's throughput over the run is
+  its ``tokens/s`` row's requests/s x average content size (output tokens per request).
 
 Output tokens are ``usage.completion_tokens`` (the usage chunk of a stream), else one per chunk with text.
 Locust rounds every value to 2 significant digits (integers below 100 ms). Its "Aggregated" row mixes HTTP and
@@ -62,13 +71,19 @@ users in 5 equal steps; burst runs ``-u``/8 users, all ``-u`` in the middle thir
 per second (a step only completes once its users are spawned). The shape ends the run after ``-t`` (ramp and
 burst need one; without it steady runs until Ctrl-C). With shared-prefix each prompt is one of
 ``--prefix-groups`` fixed prefixes of ``--shared-prefix-words`` words then ``--prompt-words`` random words, sent
-with the header ``x-session-id: group-<n>``.
+with the header ``x-session-id: group-<n>``. noisy-neighbour ignores ``-u`` and the four tasks (its own are
+tagged ``stream``): it runs ``--noisy-users`` users that stream chat of ``--noisy-max-tokens`` tokens back to back
+with ``--noisy-key`` (default: ``--api-key``) and ``--chat-users`` (default 1) users that each send streamed chat
+turns one at a time with ``--api-key``, starting ``--chat-delay`` seconds in; all against ``--model`` (default: a
+generative model per request, by ``--model-weights``). With the fair queue on, give the two keys the same priority
+to see the weighted sharing between keys, or different ones to see the classes.
 
 SLO gate, over all models at the end of the run: ``--slo-ttft-p95-ms`` and ``--slo-tpot-p95-ms`` (p95 of all
-TTFT / TPOT samples), ``--slo-fail-ratio`` (failed / all HTTP requests), ``--slo-min-tokens-per-s`` (all output
-tokens / the time from the start, after any cold-start wait, to the last request). A target with no sample is
-missed. A missed target sets the exit code to 1; when all are met and ``--slo-fail-ratio`` is one of them, the
-exit code is 0 even though some requests failed (Locust's default is 1 on any failure).
+TTFT / TPOT samples; with noisy-neighbour the chat users' only), ``--slo-fail-ratio`` (failed / all HTTP
+requests), ``--slo-min-tokens-per-s`` (all output tokens / the time from the start, after any cold-start wait, to
+the last request). A target with no sample is missed. A missed target sets the exit code to 1; when all are met
+and ``--slo-fail-ratio`` is one of them, the exit code is 0 even though some requests failed (Locust's default is
+1 on any failure).
 """
 
 from __future__ import annotations
@@ -97,6 +112,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from loadtests.llm_metrics import (  # noqa: E402
     LLM,
+    NEIGHBOUR_CHAT,
+    NEIGHBOUR_NOISY,
     SCENARIOS,
     Catalog,
     ConfigError,
@@ -111,6 +128,7 @@ from loadtests.llm_metrics import (  # noqa: E402
     evaluate_slos,
     load_fleet,
     models_from_listing,
+    neighbour_users,
     parse_weights,
     run_summary,
     shape_at,
@@ -137,6 +155,12 @@ def _add_options(parser: LocustArgumentParser) -> None:
     add("--shared-prefix-words", type=int, default=400, help="shared-prefix: words per shared prefix.")
     add("--prefix-groups", type=int, default=4, help="shared-prefix: number of distinct prefixes.")
     add("--cold-start-wait", type=float, default=0.0, help="cold-start: seconds with no user first.")
+    add("--model", default="", help="Load only this model (default: by --model-weights).")
+    add("--noisy-key", default="", is_secret=True, help="noisy-neighbour: the noisy users' key (default: --api-key).")
+    add("--noisy-users", type=int, default=16, help="noisy-neighbour: users streaming long generations.")
+    add("--noisy-max-tokens", type=int, default=512, help="noisy-neighbour: max_tokens of the noisy requests.")
+    add("--chat-users", type=int, default=1, help="noisy-neighbour: users sending chat turns one at a time.")
+    add("--chat-delay", type=float, default=10.0, help="noisy-neighbour: seconds before the chat users start.")
     for name, what in [("ttft-p95-ms", "Max p95 TTFT (ms)"), ("tpot-p95-ms", "Max p95 TPOT (ms)"),
                        ("fail-ratio", "Max failed / all requests"),
                        ("min-tokens-per-s", "Min output tokens/s over the run")]:
@@ -160,9 +184,12 @@ RUN = _Run()
 def _prepare(o: Namespace) -> dict[str, float]:
     """Reset :data:`RUN` from the options (the catalog too with --fleet); the model weights. Raises ConfigError."""
     check_scenario(o.scenario, o.run_time)
+    NoisyUser.fixed_count, ChatUser.fixed_count = o.noisy_users, o.chat_users
+    if o.scenario == "noisy-neighbour":
+        neighbour_users(o.noisy_users, o.chat_users)
     prefix_words = o.shared_prefix_words if o.scenario == "shared-prefix" else 0
     weights = parse_weights(o.model_weights)
-    catalog = build_catalog(load_fleet(o.fleet), weights, o.fleet) if o.fleet else None
+    catalog = build_catalog(load_fleet(o.fleet), weights, o.fleet, o.model) if o.fleet else None
     params: dict[str, Any] = {"max_tokens": o.max_tokens, "temperature": o.temperature}
     if o.ignore_eos:
         params["ignore_eos"] = True
@@ -171,8 +198,9 @@ def _prepare(o: Namespace) -> dict[str, float]:
     return weights
 
 
-def _auth(environment: Environment) -> dict[str, str]:
-    key = environment.parsed_options.api_key
+def _auth(environment: Environment, noisy: bool = False) -> dict[str, str]:
+    o = environment.parsed_options
+    key = (o.noisy_key if noisy else "") or o.api_key
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
@@ -196,7 +224,8 @@ def _start_run(environment: Environment, **_: Any) -> None:
         if not o.fleet:
             answer = requests.get(url, headers=_auth(environment), timeout=30)
             answer.raise_for_status()
-            RUN.catalog = build_catalog(models_from_listing(answer.json(), f"GET {url}"), weights, f"GET {url}")
+            RUN.catalog = build_catalog(models_from_listing(answer.json(), f"GET {url}"), weights, f"GET {url}",
+                                        o.model)
     except (requests.RequestException, ValueError) as e:  # ConfigError is a ValueError
         logger.error("cannot start: %s", e)
         RUN.catalog = None  # users idle until the quit
@@ -207,13 +236,18 @@ def _start_run(environment: Environment, **_: Any) -> None:
 
 
 class ScenarioShape(LoadTestShape):
-    """The --scenario's load shape over -u users, spawn rate -r and run time -t (``llm_metrics.shape_at``)."""
+    """The --scenario's load shape over -u users, spawn rate -r and run time -t (``llm_metrics.shape_at``);
+    noisy-neighbour runs its two user classes (counts fixed by their options), the others :class:`LLMUser`."""
 
     use_common_options = True
 
-    def tick(self) -> tuple[int, float] | None:
+    def tick(self) -> tuple[int, float, list[type[FastHttpUser]]] | None:
         o = self.runner.environment.parsed_options
-        return shape_at(o.scenario, self.get_run_time(), o.num_users, o.run_time, o.spawn_rate, o.cold_start_wait)
+        users, classes = o.num_users, [LLMUser]
+        if o.scenario == "noisy-neighbour":
+            users, classes = neighbour_users(o.noisy_users, o.chat_users), [NoisyUser, ChatUser]
+        shape = shape_at(o.scenario, self.get_run_time(), users, o.run_time, o.spawn_rate, o.cold_start_wait)
+        return None if shape is None else (*shape, classes)
 
 
 def _http_error(response: ResponseContextManager) -> str:
@@ -241,9 +275,10 @@ def _read_sse(response: ResponseContextManager, trace: StreamTrace) -> int:
     return size
 
 
-class LLMUser(FastHttpUser):
-    """One client looping over the tagged tasks, no think time."""
+class StreamingUser(FastHttpUser):
+    """A client of the gateway, no think time: the requests and their timing; the subclasses' tasks send them."""
 
+    abstract = True
     wait_time = constant(0)
     network_timeout = 600.0  # a request may wait for a cold start
     connection_timeout = 60.0
@@ -251,14 +286,14 @@ class LLMUser(FastHttpUser):
     def on_start(self) -> None:
         self.rng = user_rng(self.environment.parsed_options.seed, next(RUN.user_ids))
 
-    def _next(self, task_kind: str) -> tuple[str, Prompt, dict[str, str]] | None:
+    def _next(self, task_kind: str, noisy: bool = False) -> tuple[str, Prompt, dict[str, str]] | None:
         """A model for ``task_kind``, a prompt and the request's headers; None if there is no model."""
         model = RUN.catalog.pick(task_kind, self.rng) if RUN.catalog else None
         if model is None:
             gevent.sleep(1)  # nothing to load: don't spin
             return None
         prompt = RUN.prompts.make(self.rng)
-        headers = _auth(self.environment)
+        headers = _auth(self.environment, noisy)
         if prompt.group is not None:
             headers["x-session-id"] = f"group-{prompt.group}"
         return model, prompt, headers
@@ -282,16 +317,17 @@ class LLMUser(FastHttpUser):
         if tokens is not None and elapsed_ms > 0:
             self._record(f"tokens/s {model}", tokens * 1000 / elapsed_ms, tokens)
 
-    @tag("stream")
-    @task
-    def chat_stream(self) -> None:
-        if (picked := self._next("generate")) is None:
+    def _stream(self, role: str = "", noisy: bool = False) -> None:
+        """A streamed chat request, timed per token; ``role`` (noisy-neighbour's user class) prefixes its entries."""
+        if (picked := self._next("generate", noisy)) is None:
             return
         model, prompt, headers = picked
+        params = {**RUN.params, "max_tokens": self.environment.parsed_options.noisy_max_tokens} if noisy else RUN.params
         body = {"model": model, "messages": [{"role": "user", "content": prompt.text}], "stream": True,
-                "stream_options": {"include_usage": True}, **RUN.params}
+                "stream_options": {"include_usage": True}, **params}
         trace = StreamTrace(start=time.perf_counter())
-        with self.client.post(CHAT, name=f"{CHAT} [stream] {model}", json=body, stream=True, catch_response=True,
+        label = f"[{role.strip()}]" if role else "[stream]"
+        with self.client.post(CHAT, name=f"{CHAT} {label} {model}", json=body, stream=True, catch_response=True,
                               headers={**headers, "Accept-Encoding": "identity"}) as response:
             if response.status_code != 200:
                 response.failure(_http_error(response))
@@ -308,16 +344,25 @@ class LLMUser(FastHttpUser):
                 return
         m = trace.metrics(end)
         if m.ttft_ms is not None:
-            self._record(f"TTFT {model}", m.ttft_ms)
+            self._record(f"{role}TTFT {model}", m.ttft_ms)
             if self.environment.parsed_options.scenario == "cold-start" and model not in RUN.cold_started:
                 RUN.cold_started.add(model)
                 self._record(f"cold-start TTFT {model}", m.ttft_ms)
         if m.tpot_ms is not None:
-            self._record(f"TPOT {model}", m.tpot_ms)
-        for gap in m.itl_ms:
-            self._record(f"ITL {model}", gap)
+            self._record(f"{role}TPOT {model}", m.tpot_ms)
+        for gap in () if noisy else m.itl_ms:  # a flood's ITL samples would cost the load generator most
+            self._record(f"{role}ITL {model}", gap)
         if m.tokens_per_s is not None:
-            self._record(f"tokens/s {model}", m.tokens_per_s, m.output_tokens)
+            self._record(f"{role}tokens/s {model}", m.tokens_per_s, m.output_tokens)
+
+
+class LLMUser(StreamingUser):
+    """One client looping over the tagged tasks."""
+
+    @tag("stream")
+    @task
+    def chat_stream(self) -> None:
+        self._stream()
 
     @tag("chat")
     @task
@@ -340,6 +385,28 @@ class LLMUser(FastHttpUser):
         if picked := self._next("embed"):
             model, prompt, headers = picked
             self._post(EMBEDDINGS, model, {"model": model, "input": prompt.text}, headers, "data")
+
+
+class NoisyUser(StreamingUser):
+    """noisy-neighbour: long streamed generations back to back with ``--noisy-key``."""
+
+    @tag("stream")
+    @task
+    def flood(self) -> None:
+        self._stream(NEIGHBOUR_NOISY, noisy=True)
+
+
+class ChatUser(StreamingUser):
+    """noisy-neighbour: short streamed chat turns, one at a time, with ``--api-key``."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        gevent.sleep(self.environment.parsed_options.chat_delay)
+
+    @tag("stream")
+    @task
+    def turn(self) -> None:
+        self._stream(NEIGHBOUR_CHAT)
 
 
 @events.quitting.add_listener

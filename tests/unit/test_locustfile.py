@@ -8,15 +8,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
 
+from loadtests.llm_metrics import ConfigError, neighbour_users, run_summary, shape_at
+
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key"
+NOISY_KEY = "noisy-test-key"
 FIRST_CHUNK_S = 0.1  # before the first content chunk
 GAP_S = 0.02  # between content chunks
 TOKENS = 8
@@ -27,12 +32,17 @@ class FakeOpenAI(BaseHTTPRequestHandler):
     """/v1/models, chat (streamed in chunked SSE like uvicorn, or not), completions and embeddings.
 
     Model fake-chat works; fail-http answers 503, fail-event streams an error event (and answers without
-    choices), fail-nodone ends its streams without [DONE]. Streamed prompts are logged by x-session-id.
+    choices), fail-nodone ends its streams without [DONE]. Streamed prompts are logged by x-session-id, streams by
+    key and max_tokens, with the most each key had open at once.
     """
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each SSE chunk leaves at once, as the timing assertions assume
     sessions: ClassVar[list[tuple[str | None, str]]] = []
+    streams: ClassVar[list[tuple[str, int]]] = []
+    open_streams: ClassVar[Counter[str]] = Counter()
+    peak_streams: ClassVar[dict[str, int]] = {}
+    lock = threading.Lock()
 
     def log_message(self, *args: object) -> None:
         pass
@@ -50,7 +60,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _authorized(self) -> bool:
-        if self.headers.get("authorization") == f"Bearer {KEY}":
+        if self.headers.get("authorization") in (f"Bearer {KEY}", f"Bearer {NOISY_KEY}"):
             return True
         self._json({"error": {"message": "bad key"}}, 401)
         return False
@@ -72,7 +82,16 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self._json({"object": "list", "data": [{"index": 0, "embedding": [0.1, 0.2]}]})
         elif body.get("stream"):
             self.sessions.append((self.headers.get("x-session-id"), body["messages"][0]["content"]))
-            self._stream(model, usage)
+            key = self.headers["authorization"].removeprefix("Bearer ")
+            with self.lock:
+                self.streams.append((key, body.get("max_tokens")))
+                self.open_streams[key] += 1
+                self.peak_streams[key] = max(self.peak_streams.get(key, 0), self.open_streams[key])
+            try:
+                self._stream(model, usage)
+            finally:
+                with self.lock:
+                    self.open_streams[key] -= 1
         else:
             time.sleep(GENERATION_S)
             if model == "fail-event":
@@ -200,3 +219,56 @@ def test_failed_requests_are_reported(fake_server: str, tmp_path: Path) -> None:
                 (f"{stream} fail-http", "HTTP 503: {")}
     for name, message in expected:
         assert any(n == name and message in e for n, e in errors), (name, message, errors)
+
+
+def test_noisy_neighbour_runs_a_noisy_and_a_chat_user_class_with_their_keys(fake_server: str, tmp_path: Path) -> None:
+    FakeOpenAI.streams.clear()
+    FakeOpenAI.peak_streams.clear()
+    run = run_locust(fake_server, tmp_path / "nn", "-t", "4s", "--scenario", "noisy-neighbour", "--model", "fake-chat",
+                     "--noisy-key", NOISY_KEY, "--noisy-users", "3", "--noisy-max-tokens", "300", "--max-tokens", "16",
+                     "--chat-delay", "0.5", "--slo-ttft-p95-ms", "5000", "--slo-min-tokens-per-s", "1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "SLO ttft_p95_ms:" in run.stdout and "MISSED" not in run.stdout
+    rows = stats_rows(tmp_path / "nn")
+    chat, noisy = "noisy-neighbour chat", "noisy-neighbour noisy"
+    posts = {name for method, name in rows if method == "POST"}
+    assert posts == {f"/v1/chat/completions [{chat}] fake-chat", f"/v1/chat/completions [{noisy}] fake-chat"}
+    assert all(rows[("POST", name)]["Failure Count"] == "0" for name in posts)
+    llm = {name for method, name in rows if method == "LLM"}
+    assert llm == {f"{chat} {m} fake-chat" for m in ("TTFT", "TPOT", "ITL", "tokens/s")} | {
+        f"{noisy} {m} fake-chat" for m in ("TTFT", "TPOT", "tokens/s")}  # no ITL for the flood
+    assert float(rows[("LLM", f"{noisy} tokens/s fake-chat")]["Average Content Size"]) == TOKENS
+    # Each class with its own key and max_tokens; the chat user sends one turn at a time, the noisy ones 3.
+    assert set(FakeOpenAI.streams) == {(KEY, 16), (NOISY_KEY, 300)}
+    assert FakeOpenAI.peak_streams == {KEY: 1, NOISY_KEY: 3}
+    counts = Counter(key for key, _ in FakeOpenAI.streams)
+    assert counts[NOISY_KEY] > counts[KEY] > 0
+
+
+def test_noisy_neighbour_options_are_checked(fake_server: str, tmp_path: Path) -> None:
+    run = run_locust(fake_server, tmp_path / "bad", "-t", "2s", "--scenario", "noisy-neighbour", "--noisy-users", "0")
+    assert run.returncode == 1 and "--noisy-users and --chat-users must be >= 1" in run.stderr
+    run = run_locust(fake_server, tmp_path / "unknown", "-t", "2s", "--model", "nope")
+    assert run.returncode == 1 and "--model: unknown model nope" in run.stderr
+    assert neighbour_users(48, 1) == 49
+    with pytest.raises(ConfigError):
+        neighbour_users(4, 0)
+    # All users at once, then until -t.
+    assert shape_at("noisy-neighbour", 0, 49, 60, 1) == (49, 49.0)
+    assert shape_at("noisy-neighbour", 60, 49, 60, 1) is None
+
+
+def test_slo_summary_judges_the_chat_users_latency_and_counts_every_token() -> None:
+    def entry(name: str, times: dict[int, int], tokens: int = 0, method: str = "LLM") -> SimpleNamespace:
+        return SimpleNamespace(name=name, method=method, num_requests=sum(times.values()), num_failures=0,
+                               total_content_length=tokens, response_times=times)
+
+    summary = run_summary([
+        entry("noisy-neighbour chat TTFT m", {100: 3}), entry("noisy-neighbour noisy TTFT m", {9000: 5}),
+        entry("noisy-neighbour chat TPOT m", {10: 2}), entry("noisy-neighbour noisy TPOT m", {50: 5}),
+        entry("noisy-neighbour chat tokens/s m", {300: 3}, tokens=48),
+        entry("noisy-neighbour noisy tokens/s m", {80: 5}, tokens=2560),
+        entry("/v1/chat/completions [noisy-neighbour chat] m", {150: 3}, method="POST"),
+    ], duration_s=10)
+    assert summary.ttft_ms == {100: 3} and summary.tpot_ms == {10: 2}
+    assert (summary.output_tokens, summary.requests) == (2608, 3)
