@@ -267,31 +267,38 @@ def test_queues_follow_the_running_replicas():
     asyncio.run(scenario())
 
 
-def test_reports_while_anything_waits_and_once_after(monkeypatch):
+def test_reports_while_anything_waits_or_runs_and_once_after(monkeypatch):
     monkeypatch.setattr(queueing, "REPORT_S", 0.001)
     reports = []
+
+    async def until(done) -> None:
+        for _ in range(2000):
+            if reports and done(reports[-1]["m"]):
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"no such report: {reports[-1:]}")
 
     async def scenario():
         queues = Queues(fleet(FLEET), None, {"m": 1}.get, reports.append)
         holder = queues.enter("m", "a", "standard", 10, 1.0)
-        assert reports == []  # nothing waits: nothing to report
+        await until(lambda m: m["in_flight"] == 1)  # running counts: /fleet shows it
         waiting = queues.enter("m", "b", "standard", 10, 1.0)
-        await asyncio.sleep(0)
-        first = reports[0]["m"]
-        assert (first["standard"]["queued"], first["in_flight"], first["limit"]) == (1, 1, 1)
+        await until(lambda m: m["standard"]["queued"] == 1)
+        assert (reports[-1]["m"]["in_flight"], reports[-1]["m"]["limit"]) == (1, 1)
         queues.release("m", holder)
-        for _ in range(1000):
-            await asyncio.sleep(0.001)
-            if reports[-1]["m"]["standard"]["queued"] == 0:
-                break
         assert waiting.state == "granted"
+        queues.release("m", waiting)
+        await until(lambda m: m["in_flight"] == 0)
         assert reports[-1]["m"] == {
             "interactive": {"queued": 0, "oldest_wait_s": 0.0},
             "standard": {"queued": 0, "oldest_wait_s": 0.0},
             "batch": {"queued": 0, "oldest_wait_s": 0.0},
-            "in_flight": 1,
+            "in_flight": 0,
             "limit": 1,
         }
+        count = len(reports)
+        await asyncio.sleep(0.01)
+        assert len(reports) == count  # idle: the loop has stopped
 
     asyncio.run(scenario())
 
