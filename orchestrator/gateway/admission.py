@@ -123,7 +123,7 @@ def request_class(key: keys.KeyRecord | None, headers: Any, payload: dict[str, A
         asked.append(value)
     tier = payload.get("service_tier")
     if tier is not None:
-        if tier not in SERVICE_TIERS:
+        if not isinstance(tier, str) or tier not in SERVICE_TIERS:
             raise errors.InvalidRequest(f"service_tier must be one of {', '.join(SERVICE_TIERS)}",
                                         param="service_tier")
         asked.append(SERVICE_TIERS[tier] or own)

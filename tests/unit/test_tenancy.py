@@ -388,11 +388,6 @@ def test_request_class_refuses_unknown_values(header, tier, param):
     assert raised.value.status == 400 and raised.value.param == param
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="admission.request_class looks an unhashable service_tier up in a dict: TypeError (500)",
-)
 @pytest.mark.parametrize("tier", [["priority"], {"tier": "flex"}])
 def test_an_unhashable_service_tier_is_a_400(tier):
     with pytest.raises(errors.InvalidRequest):
