@@ -245,7 +245,10 @@ class Relay:
         hold = Hold(self, spec, ctx.started)
         granted, status = False, "cancelled"
         try:
-            yield f": waiting in the queue of '{model}' ({ctx.cls})\n\n".encode()
+            if self.view.running_replicas(model) == 0:  # a cold model: its queue waits for a replica
+                yield f": waiting for a replica of '{model}' (queued, {ctx.cls})\n\n".encode()
+            else:
+                yield f": waiting in the queue of '{model}' ({ctx.cls})\n\n".encode()
             last = time.perf_counter()
             while True:
                 try:
