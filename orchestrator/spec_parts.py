@@ -262,7 +262,7 @@ class QueueSpec(_Strict):
         description=(
             "Of those, the slots per replica only interactive requests may take, so an interactive request "
             "starts at once while other classes fill the rest. Unset: an eighth of the bound (at least 1 "
-            "when the bound is above 1). 0: none."
+            "when the bound is above 1) while any API key is interactive, else none. 0: none."
         ),
     )
 

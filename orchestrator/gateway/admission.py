@@ -211,6 +211,12 @@ class Admission:
                 log.error("keeping the previous API keys: %s", e)
         return self._keys
 
+    def interactive_keys(self) -> bool:
+        """Whether a request can be interactive: some API key has ``priority: interactive``
+        (without keys every request is standard or lower)."""
+        store = self._current_keys()
+        return store is not None and store.interactive
+
     def authenticate(self, request: Request, admin: bool = False) -> keys.KeyRecord | None:
         """The caller's key (None when auth is off); 401 without a valid key, 403 for a
         non-admin key on an admin endpoint."""

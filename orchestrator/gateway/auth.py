@@ -110,6 +110,7 @@ class KeyStore:
             records.append(KeyRecord(spec.name, salt, _digest(salt, spec.key), tuple(spec.models), spec.rpm,
                                      spec.tpm, spec.admin, spec.tokens_per_day, spec.priority, spec.weight))
         self.records = tuple(records)
+        self.interactive = any(r.priority == "interactive" for r in self.records)  # any interactive key
 
     def authenticate(self, presented: str | None) -> KeyRecord | None:
         if not presented:

@@ -63,7 +63,7 @@ class Gateway:
         self.view = FleetView(self.fleet, self.handles, deployments, lanes, app_name, self.metrics)
         self.view.state_actor()
         self.queues = Queues(self.fleet, self.metrics, self.view.running_replicas,
-                             lambda stats: self.view.report_queue(replica, stats))
+                             lambda stats: self.view.report_queue(replica, stats), self.admission.interactive_keys)
         self.relay = Relay(self.handles, self.view, self.metrics, self.fleet.gateway.request_timeout_s,
                            self.admission.finish, self.queues)
 

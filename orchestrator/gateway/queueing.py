@@ -54,6 +54,9 @@ class ModelQueue:
         self.reserve_per_replica = spec.queue.reserve(self.per_replica)
         self.limit: int | None = None  # None: replicas not known yet, no bound
         self.reserve = 0
+        # Whether any API key is interactive: the default reserve holds slots only for requests
+        # that can exist (an explicit queue.interactive_reserve always applies).
+        self.interactive_keys = True
         self.in_flight = 0
         self._futures: dict[Ticket, asyncio.Future] = {}
 
@@ -63,7 +66,10 @@ class ModelQueue:
             self.limit, self.reserve = None, 0
         else:
             self.limit = math.ceil(running * self.per_replica / self.gateways)
-            self.reserve = min(math.ceil(running * self.reserve_per_replica / self.gateways), max(0, self.limit - 1))
+            reserve = self.reserve_per_replica
+            if self.spec.queue.interactive_reserve is None and not self.interactive_keys:
+                reserve = 0
+            self.reserve = min(math.ceil(running * reserve / self.gateways), max(0, self.limit - 1))
         self.dispatch()
 
     def allowed(self) -> tuple[str, ...]:
@@ -128,9 +134,12 @@ class Queues:
     not known yet); ``report(stats)``: sends ``{model: {class: {queued, oldest_wait_s}}}``."""
 
     def __init__(self, fleet: FleetSpec, metrics: GatewayMetrics | None, running: Callable[[str], int | None],
-                 report: Callable[[dict[str, Any]], None] | None = None):
+                 report: Callable[[dict[str, Any]], None] | None = None,
+                 interactive_keys: Callable[[], bool] | None = None):
+        """``interactive_keys()``: whether any API key is interactive now (default: assume so)."""
         self.fleet = fleet
-        self.running = running
+        self._running = running
+        self._interactive_keys = interactive_keys
         self._report = report
         self.max_wait_s = {c: getattr(fleet.gateway.classes, c).max_wait_s for c in CLASSES}
         self.queues = {m.name: ModelQueue(m, fleet.gateway.replicas, metrics) for m in fleet.models
@@ -138,6 +147,12 @@ class Queues:
         self.metrics = metrics
         self._reporter: asyncio.Future | None = None
         self._reported_busy = False
+
+    def running(self, model: str) -> int | None:
+        """``model``'s running replicas (as last seen), noting whether interactive keys exist."""
+        if self._interactive_keys is not None and model in self.queues:
+            self.queues[model].interactive_keys = self._interactive_keys()
+        return self._running(model)
 
     def enter(self, model: str, key: str, cls: str, cost: float, weight: float) -> Ticket | None:
         """Queue a request (None: the model has no fair queue); ``ticket.state`` is "granted"

@@ -595,3 +595,32 @@ def test_bad_tenancy_fields_of_a_key_are_named(field, value):
     with pytest.raises(FleetValidationError) as raised:
         parse_keys({"keys": [{"name": "a", "key": "sk-a-0123456789abcdef", field: value}]}, "keys.yaml")
     assert f"keys[0].{field}" in str(raised.value)
+
+
+def test_the_default_reserve_holds_slots_only_while_some_key_is_interactive():
+    default = ModelQueue(make_spec(queue={"max_concurrency_per_replica": 8}), 1)
+    default.interactive_keys = False
+    default.set_running(1)
+    assert (default.limit, default.reserve) == (8, 0)  # no interactive key: standard may use all 8
+    default.interactive_keys = True
+    default.set_running(1)
+    assert (default.limit, default.reserve) == (8, 1)
+    explicit = ModelQueue(make_spec(queue={"max_concurrency_per_replica": 8, "interactive_reserve": 2}), 1)
+    explicit.interactive_keys = False
+    explicit.set_running(1)
+    assert explicit.reserve == 2  # set in the fleet: always kept
+
+
+def test_queues_ask_whether_an_interactive_key_exists():
+    fleet = FleetSpec.model_validate({"models": [{"name": "m", "source": "/tmp", "queue":
+                                                  {"max_concurrency_per_replica": 8}}]})
+    keys = parse_keys({"keys": [{"name": "a", "key": "k" * 16}]}, "keys")
+    assert not keys.interactive
+    assert parse_keys({"keys": [{"name": "a", "key": "k" * 16, "priority": "interactive"}]}, "keys").interactive
+    queues = Queues(fleet, None, lambda model: 1, interactive_keys=lambda: keys.interactive)
+
+    async def scenario():
+        queues.enter("m", "a", "standard", 10, 1.0)
+        assert queues.queues["m"].reserve == 0
+
+    asyncio.run(scenario())
