@@ -295,16 +295,17 @@ class Admission:
     def finish(self, ctx: RequestContext) -> None:
         """After the answer: reconcile the key's tokens with what it used; write the audit line."""
         usage = ctx.usage or {}
+        if isinstance(ctx.status, str) and ctx.status.isdigit():
+            ctx.status = int(ctx.status)  # a stream's status
         if ctx.reserved and ctx.key is not None and (ctx.key.tpm or ctx.key.tokens_per_day):
             used = usage.get("total_tokens")
-            if not isinstance(used, int) and isinstance(ctx.status, int) and ctx.status >= 400:
-                used = 0  # refused by the model: nothing was generated
+            never_ran = ctx.ticket is not None and ctx.ticket.state == "removed"  # left the queue unserved
+            if not isinstance(used, int) and (never_ran or (isinstance(ctx.status, int) and ctx.status >= 400)):
+                used = 0  # nothing was generated
             if isinstance(used, int) and self._limiter is not None:
                 self._limiter.reconcile.remote(ctx.key.name, ctx.key.tpm, ctx.reserved, used, ctx.key.tokens_per_day)
         if self.audit is not None:
             status = ctx.status
-            if isinstance(status, str) and status.isdigit():
-                status = int(status)
             self.audit.write({
                 "request_id": ctx.request_id, "gateway": self._replica, "key": ctx.key.name if ctx.key else None,
                 "model": ctx.model, "class": ctx.cls,

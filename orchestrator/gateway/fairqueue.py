@@ -46,6 +46,7 @@ class Ticket:
     dispatched_at_push: int = 0  # the queue's dispatch count when pushed
     overtaken: int = 0  # requests dispatched while this one waited
     waited_s: float = 0.0
+    cold_s: float = 0.0  # of its wait, the time its model had no running replica
     state: str = "new"  # new | waiting | granted | removed
 
 

@@ -58,12 +58,19 @@ class ModelQueue:
         # that can exist (an explicit queue.interactive_reserve always applies).
         self.interactive_keys = True
         self.in_flight = 0
+        self.cold = False  # no running replica: waits are the cold start's, not max_wait_s's
         self._futures: dict[Ticket, asyncio.Future] = {}
 
     def set_running(self, running: int | None) -> None:
         """The model's running replicas changed (None: not known): recompute the bound, dispatch."""
+        self.cold = running == 0
         if running is None:
             self.limit, self.reserve = None, 0
+        elif running == 0:
+            # One request per gateway replica goes on to Serve's handle, which wakes the model
+            # itself (and holds it) even when the queue reports cannot reach the autoscaler;
+            # the rest wait here, in class order.
+            self.limit, self.reserve = 1, 0
         else:
             self.limit = math.ceil(running * self.per_replica / self.gateways)
             reserve = self.reserve_per_replica
@@ -117,10 +124,7 @@ class ModelQueue:
         future = self._futures.get(t)
         if t.state == "granted" or future is None:
             return t.state == "granted"
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
-            pass
+        await asyncio.wait({future}, timeout=timeout_s)  # neither cancels it nor hides a cancellation
         return t.state == "granted"
 
     def _gauge(self, cls: str) -> None:
@@ -171,10 +175,14 @@ class Queues:
         ``model_overloaded`` (``t`` taken out) once it waited past its class's ``max_wait_s``."""
         queue = self.queues[model]
         queue.set_running(self.running(model))
-        left = self.max_wait_s[t.cls] - (queue.fair.clock() - t.arrived)
-        if await queue.wait(t, max(0.0, min(timeout_s, left))):
+        cold, began = queue.cold, queue.fair.clock()
+        left = self.max_wait_s[t.cls] - (began - t.arrived - t.cold_s)
+        if await queue.wait(t, timeout_s if cold else max(0.0, min(timeout_s, left))):
             return True
-        if queue.fair.clock() - t.arrived >= self.max_wait_s[t.cls]:
+        if cold:  # waiting for a replica to start: the cold start's timeout applies (Hold)
+            t.cold_s += queue.fair.clock() - began
+            return False
+        if queue.fair.clock() - t.arrived - t.cold_s >= self.max_wait_s[t.cls]:
             queue.release(t)
             if self.metrics is not None:
                 self.metrics.queue_timeouts.labels(model, t.cls).inc()

@@ -55,7 +55,7 @@ def ticket(key: str = "a", cls: str = "standard", cost: float = 10) -> Ticket:
     ("running", "gateways", "per_replica", "reserve", "overrides", "expected"),
     [
         (None, 1, 4, 1, {}, (None, 0)),  # replicas not known yet: no bound
-        (0, 1, 4, 1, {}, (0, 0)),  # none running: everything waits
+        (0, 1, 4, 1, {}, (1, 0)),  # none running: one goes on to wake the model through Serve, the rest wait
         (1, 1, 4, 1, {}, (4, 1)),
         (3, 2, 4, 1, {}, (6, 2)),  # ceil(3 x 4 / 2); ceil(3 x 1 / 2)
         (1, 2, 4, 1, {}, (2, 1)),
@@ -180,9 +180,12 @@ def test_unknown_running_replicas_mean_no_bound_and_zero_means_everything_waits(
         assert all(q.push(ticket(str(n % 7))) for n in range(300))
         q = model_queue(4, 1)
         q.set_running(0)
+        assert q.push(first := ticket("first", "batch"))  # one goes on to Serve's handle, which wakes the model
         waiting = [ticket("a", c) for c in CLASSES]
-        assert not any(q.push(t) for t in waiting)  # interactive too
+        assert not any(q.push(t) for t in waiting)  # the rest wait, interactive too
         waiter = asyncio.ensure_future(q.wait(waiting[2], 10))
+        q.release(first)
+        assert [t.state for t in waiting] == ["granted", "waiting", "waiting"]  # the slot, in class order
         q.set_running(1)  # a replica is up: the bound takes them in class order
         assert [t.state for t in waiting] == ["granted"] * 3 and await waiter is True
 
@@ -257,9 +260,15 @@ def test_queues_follow_the_running_replicas():
         for t in first:
             queues.release("m", t)
         running["m"] = 0
+        waking = queues.enter("m", "a", "batch", 10, 1.0)
+        assert waking.state == "granted"  # one per gateway replica goes on to wake the model
         cold = queues.enter("m", "a", "interactive", 10, 1.0)
         assert cold.state == "waiting"
-        assert await queues.wait("m", cold, 0.01) is False
+        queues.max_wait_s["interactive"] = 0.005
+        assert await queues.wait("m", cold, 0.02) is False  # a cold start's wait is not max_wait_s's
+        assert cold.cold_s >= 0.015
+        queues.max_wait_s["interactive"] = 30
+        queues.release("m", waking)
         running["m"] = 1  # a replica came up: the next wait sees it
         assert await queues.wait("m", cold, 0.01) is True
         assert queues.stats()["m"]["limit"] == 1
