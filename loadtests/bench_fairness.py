@@ -18,16 +18,18 @@ the flood within 2x its p95 alone).
 
 Models run one at a time; ``--rounds`` repeats in rotating order (tables: medians). Tokens: content chunks
 as they arrive x usage / chunks of finished streams. Each load runs in a process and session of its own on
-``--client-core``; the turns' event loop lag (``client_lag_p95_ms``) bounds how precise their TTFTs are.
+``--client-core`` if given; the turns' event loop lag (``client_lag_p95_ms``) bounds how precise their TTFTs are.
 
-    python -m loadtests.bench_fairness [--model tiny|smollm2|SOURCE] [--phases noisy,interactive]
-                                       [--flood 48] [--flood-max-tokens 512] [--seconds 40] [--quick] [--out FILE]
+    python -m loadtests.bench_fairness [--model tiny|smollm2|SOURCE] [--flood 48] [--quick] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime
+import itertools
 import json
 import multiprocessing
 import os
@@ -73,44 +75,29 @@ def keys_doc() -> dict[str, Any]:
     return {"keys": [*keys, {"name": ADMIN, "key": secret(ADMIN), "admin": True}]}
 
 
-def model_entry(variant: str, source: str, engine: dict[str, Any]) -> dict[str, Any]:
-    """The fleet model of ``variant`` (named after it) on ``source``: one replica."""
+def model_entry(variant: str, source: str, engine: dict[str, Any], bound: int | None = None) -> dict[str, Any]:
+    """The fleet model of ``variant`` (named after it) on ``source``: one replica; a fair queue's ``bound``."""
     queue, policy = VARIANTS[variant]
     engine = dict(engine, **({"scheduling_policy": policy} if policy else {}))
     one = {"min_replicas": 1, "max_replicas": 1}
-    return dict(name=variant, source=source, engine=engine, env=dict(ENV), autoscaling=one, queue={"enabled": queue})
+    q = {"enabled": queue, **({"max_concurrency_per_replica": bound} if queue and bound else {})}
+    return dict(name=variant, source=source, engine=engine, env=dict(ENV), autoscaling=one, queue=q)
 
 
-def fleet(source: str, engine: dict, variants: Iterable[str], keys_path: Path, audit_path: Path) -> dict[str, Any]:
+def fleet(source: str, engine: dict, variants: Iterable[str], keys_path: Path, audit_path: Path, bound=None) -> dict:
     """The stack: one model per variant (named after it), keys and the audit log."""
     gateway = {"auth": {"keys_file": str(keys_path)}, "audit": {"enabled": True, "path": str(audit_path)}}
     gateway["classes"] = {c: {"max_wait_s": WAIT_S} for c in ("interactive", "standard", "batch")}
-    return {"models": [model_entry(v, source, engine) for v in dict.fromkeys(variants)], "gateway": gateway}
+    return {"models": [model_entry(v, source, engine, bound) for v in dict.fromkeys(variants)], "gateway": gateway}
 
 
 def plan(phases: Sequence[str], variants: dict[str, Sequence[str]], rounds: int) -> list[tuple[int, str, str]]:
     """(round, phase, variant) in the order they run: per round, each phase's variants rotated by the round."""
     out = []
-    for r in range(rounds):
-        for phase in phases:
-            vs = list(variants[phase])
-            k = r % len(vs) if vs else 0
-            out += [(r, phase, v) for v in vs[k:] + vs[:k]]
+    for r, phase in itertools.product(range(rounds), phases):
+        k = r % max(1, len(variants[phase]))
+        out += [(r, phase, v) for v in [*variants[phase][k:], *variants[phase][:k]]]
     return out
-
-
-# ---------------------------------------------------------------- measuring
-
-
-def tokens_in(times: Sequence[float], t0: float, t1: float) -> int:
-    return sum(1 for t in times if t0 <= t < t1)
-
-
-def chunk_scale(records: Iterable[RequestRecord]) -> float:
-    """Tokens per content chunk over finished streams with a usage (1.0 without any)."""
-    done = [r for r in records if r.usage_tokens is not None and r.tokens]
-    chunks = sum(r.tokens for r in done)
-    return sum(r.usage_tokens or 0 for r in done) / chunks if chunks else 1.0
 
 
 def turn_stats(records: Sequence[RequestRecord]) -> dict[str, Any]:
@@ -121,22 +108,27 @@ def turn_stats(records: Sequence[RequestRecord]) -> dict[str, Any]:
     return {"turns": len(records), "errors": len(errors), **p, "error_samples": list(dict.fromkeys(errors))[:3]}
 
 
-def audit_view(lines: Iterable[str], key: str, model: str) -> dict[str, Any]:
-    """The gateway's view of ``key``'s requests to ``model`` in audit lines: class, queue wait p50/p95
-    (ms) and ``queue_overtaken`` (median, max); None where the model has no queue."""
+def audit_view(lines: Iterable[str], key: str, model: str, window: tuple[float, float] = (0, 0)) -> dict[str, Any]:
+    """The gateway's view of ``key``'s requests to ``model`` in audit lines, free of the client's own delays:
+    class, latency (admission to the answer's end) and queue wait p50/p95 (ms), ``queue_overtaken`` (median,
+    max; None where the model has no queue), and how many were in the gateway on average over ``window``
+    (wall-clock seconds)."""
     rows = [json.loads(x) for x in lines if x.startswith("{") and x.endswith("}")]  # a line being written: later
     rows = [r for r in rows if r.get("key") == key and r.get("model") == model]
+    lat = [r["latency_ms"] for r in rows if r.get("status") == 200]
     waits = [r["queue_wait_ms"] for r in rows if r.get("queue_wait_ms") is not None]
     o = [r["queue_overtaken"] for r in rows if r.get("queue_overtaken") is not None]
+    ends = [(datetime.datetime.fromisoformat(r["time"]).timestamp(), r["latency_ms"] / 1000) for r in rows]
+    busy = sum(max(0.0, min(end, window[1]) - max(end - took, window[0])) for end, took in ends)
     out = {"requests": len(rows), "classes": sorted({str(r.get("class")) for r in rows})}
-    out |= {f"queue_wait_p{q}_ms": percentile(waits, q) for q in (50, 95)}
+    out |= {f"{k}_p{q}_ms": percentile(v, q) for k, v in (("latency", lat), ("queue_wait", waits)) for q in (50, 95)}
+    out["in_flight"] = busy / (window[1] - window[0]) if window[1] > window[0] else None
     return out | {"overtaken_median": statistics.median(o) if o else None, "overtaken_max": max(o) if o else None}
 
 
-async def stream(client: httpx.AsyncClient, body: dict[str, Any], key: str, times: list[float]) -> RequestRecord:
-    """One streamed chat request with ``key``'s secret; each content chunk's arrival time goes to ``times``."""
-    now = time.perf_counter
-    record = RequestRecord(start=now())
+async def stream(client: httpx.AsyncClient, body: dict[str, Any], key: str) -> RequestRecord:
+    """One streamed chat request with ``key``'s secret, timed per content chunk."""
+    record = RequestRecord(start=time.perf_counter())
     parser = SSEParser()
     try:
         async with client.stream(
@@ -146,15 +138,12 @@ async def stream(client: httpx.AsyncClient, body: dict[str, Any], key: str, time
                 record.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
             else:
                 async for chunk in response.aiter_raw():
-                    t = now()
+                    t = time.perf_counter()
                     for event in parser.feed(chunk):
-                        before = record.tokens
                         record.on_event(event.data, t)
-                        if record.tokens > before:
-                            times.append(t)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         record.error = f"{type(e).__name__}: {e}"[:200]
-    record.finish(now())
+    record.finish(time.perf_counter())
     return record
 
 
@@ -162,13 +151,13 @@ def body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     return {**request_body(prompt, max_tokens), "model": model}
 
 
-async def turns(c: httpx.AsyncClient, model: str, key: str, seconds: float, max_tokens: int, seed: str, times: list):
+async def turns(c: httpx.AsyncClient, model: str, key: str, seconds: float, max_tokens: int, seed: str):
     """Short chat turns, one at a time, started until ``seconds`` have passed (the last one is waited for)."""
     rng = random.Random(seed)
     deadline = time.perf_counter() + seconds
     out: list[RequestRecord] = []
     while time.perf_counter() < deadline:
-        out.append(await stream(c, body(model, words(rng, 12), max_tokens), key, times))
+        out.append(await stream(c, body(model, words(rng, 12), max_tokens), key))
     return out
 
 
@@ -181,7 +170,8 @@ def isolate(core: int | None) -> None:
     """Give a load generator its own session, so Linux's autogroup scheduling gives it a fair share next to
     the stack's busy engines (in the caller's session it stalls for up to seconds on a loaded 2-core
     machine), and with ``core`` a CPU of its own."""
-    os.setsid()
+    with contextlib.suppress(PermissionError):  # already a session's leader
+        os.setsid()
     if core is not None:
         os.sched_setaffinity(0, {core})
 
@@ -195,40 +185,38 @@ async def loop_lag(until: asyncio.Event, out: list[float], tick_s: float = 0.05)
 
 
 def quiet_turns(url: str, model: str, key: str, seconds: float, max_tokens: int, seed: str, core, results) -> None:
-    """A process of its own: one warm-up turn, then ``turns`` for ``seconds``; sends (records, chunk times,
-    loop lags, start, end)."""
+    """A process of its own: one warm-up turn, then ``turns`` for ``seconds``; sends (records, loop lags,
+    start, end)."""
     isolate(core)
 
     async def run() -> tuple:
-        times: list[float] = []
         lags: list[float] = []
         done = asyncio.Event()
         async with client(url, 2) as c:
-            await stream(c, body(model, "warm up", max_tokens), key, [])
+            await stream(c, body(model, "warm up", max_tokens), key)
             lagging = asyncio.create_task(loop_lag(done, lags))
             t0 = time.perf_counter()
-            records = await turns(c, model, key, seconds, max_tokens, seed, times)
+            records = await turns(c, model, key, seconds, max_tokens, seed)
             t1 = time.perf_counter()
             done.set()
             await lagging
-        return records, times, lags, t0, t1
+        return records, lags, t0, t1
 
     results.send(asyncio.run(run()))
 
 
-def flood(url: str, model: str, key: str, streams: int, max_tokens: int, seed: str, core, stop, results) -> None:
+def flood(url: str, model: str, key: str, max_tokens: int, streams: int, seed: str, core, stop, results) -> None:
     """A process of its own: ``streams`` closed loops of ``max_tokens``-token streams until ``stop`` is set;
-    sends (chunk times, records)."""
+    sends their records."""
     isolate(core)
 
     async def run() -> tuple:
-        times: list[float] = []
         records: list[RequestRecord] = []
 
         async def worker(i: int) -> None:
             rng = random.Random(f"{seed}/{i}")
             while True:
-                records.append(await stream(c, body(model, words(rng, 32), max_tokens), key, times))
+                records.append(await stream(c, body(model, words(rng, 32), max_tokens), key))
 
         async with client(url, streams + 2) as c:
             task = asyncio.gather(*(worker(i) for i in range(streams)))
@@ -236,7 +224,7 @@ def flood(url: str, model: str, key: str, streams: int, max_tokens: int, seed: s
                 await asyncio.sleep(0.1)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        return times, records
+        return records
 
     results.send(asyncio.run(run()))
 
@@ -259,13 +247,21 @@ def receive(proc, receiver) -> Any:
     return out
 
 
-def engine_load(text: str, model: str) -> float:
-    """Requests ``model``'s engines run or hold, from the gateway's /metrics text."""
+def engine_sum(
+    text: str, model: str, names: Sequence[str] = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+):
+    """The sum of ``model``'s engines' samples of ``names`` in the gateway's /metrics text (by default the
+    requests they run or hold)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    names = ("vllm:num_requests_running", "vllm:num_requests_waiting")
     families = text_string_to_metric_families(text)
     return sum(s.value for f in families for s in f.samples if s.name in names and s.labels.get("model_name") == model)
+
+
+def generated(url: str, model: str) -> float:
+    """Tokens ``model``'s engines have generated (their counter, as the gateway last received it)."""
+    text = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {secret(ADMIN)}"}, timeout=30).text
+    return engine_sum(text, model, ("vllm:generation_tokens_total",))
 
 
 def wait_idle(url: str, model: str, timeout_s: float = 120) -> None:
@@ -273,42 +269,44 @@ def wait_idle(url: str, model: str, timeout_s: float = 120) -> None:
     deadline, quiet = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline and quiet < 2:
         time.sleep(1.0)
-        try:
+        text = ""
+        with contextlib.suppress(httpx.HTTPError):
             text = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {secret(ADMIN)}"}, timeout=30).text
-            quiet = quiet + 1 if engine_load(text, model) == 0 else 0
-        except httpx.HTTPError:
-            quiet = 0
+        quiet = quiet + 1 if text and engine_sum(text, model) == 0 else 0
     time.sleep(PAUSE_S)
 
 
 def measure(url: str, phase: str, model: str, args, audit: Path) -> dict[str, Any]:
-    """One phase on one model: the quiet key alone, then under the flood (each load in a process of its own)."""
+    """One phase on one model: the quiet key alone, then under the flood (each load in a process of its own).
+    Tokens/s: what the engine generated meanwhile (its counter, so a stalled client cannot lower it)."""
     quiet, noisy = PHASES[phase]
     seed, tokens, core = f"{args.seed}/{phase}/{model}", args.turn_max_tokens, args.client_core
+    offsets = [audit.stat().st_size if audit.exists() else 0]
     solo = receive(*spawn(quiet_turns, url, model, quiet, args.solo_seconds, tokens, f"{seed}/solo", core))[0]
     time.sleep(PAUSE_S)
-    offset = audit.stat().st_size if audit.exists() else 0
-    stop = CONTEXT.Event()
-    flooding = spawn(flood, url, model, noisy, args.flood, args.flood_max_tokens, f"{seed}/flood", core, stop)
+    offsets.append(audit.stat().st_size if audit.exists() else 0)
+    stop, n = CONTEXT.Event(), args.flood_procs  # several flood processes: one's stalls leave the others' running
+    fl = (url, model, noisy, args.flood_max_tokens)
+    flooding = [spawn(flood, *fl, args.flood // n + (i < args.flood % n), f"{seed}/{i}", core, stop) for i in range(n)]
     time.sleep(args.flood_warmup)
-    loaded, turn_times, lags, t0, t1 = receive(
-        *spawn(quiet_turns, url, model, quiet, args.seconds, tokens, f"{seed}/flood", core)
-    )
+    before, started = generated(url, model), time.perf_counter()
+    loaded, lags, t0, t1 = receive(*spawn(quiet_turns, url, model, quiet, args.seconds, tokens, f"{seed}/flood", core))
+    made, took = generated(url, model) - before, time.perf_counter() - started
     stop.set()
-    flood_times, flood_records = receive(*flooding)
+    flood_records = sum((receive(*f) for f in flooding), [])
     wait_idle(url, model)
-    with audit.open() as f:
-        f.seek(offset)
-        lines = f.read().splitlines()
-    wall = t1 - t0
-    flood_tokens = tokens_in(flood_times, t0, t1) * chunk_scale(flood_records)
-    quiet_tokens = tokens_in(turn_times, t0, t1) * chunk_scale(loaded)
+    data = audit.read_bytes()
+    solo_lines, lines = data[offsets[0] : offsets[1]].decode().splitlines(), data[offsets[1] :].decode().splitlines()
+    shift = time.time() - time.perf_counter()  # perf_counter: one monotonic clock for every process
+    quiet_tokens = sum(r.usage_tokens or r.tokens for r in loaded)
     finished = [r for r in flood_records if r.end is not None and r.end <= t1]
     return {
-        **{"phase": phase, "model": model, "quiet": quiet, "noisy": noisy, "wall_s": wall},
-        **{"solo": turn_stats(solo), "flood": turn_stats(loaded), "audit": audit_view(lines, quiet, model)},
-        "noisy_tokens_per_s": flood_tokens / wall,
-        "total_tokens_per_s": (flood_tokens + quiet_tokens) / wall,
+        **{"phase": phase, "model": model, "quiet": quiet, "noisy": noisy, "wall_s": t1 - t0},
+        **{"solo": turn_stats(solo), "flood": turn_stats(loaded), "audit_solo": audit_view(solo_lines, quiet, model)},
+        "audit": audit_view(lines, quiet, model, (t0 + shift, t1 + shift)),
+        "audit_noisy": audit_view(lines, noisy, model, (t0 + shift, t1 + shift)),
+        "noisy_tokens_per_s": (made - quiet_tokens) / took,
+        "total_tokens_per_s": made / took,
         "flood_requests": len(finished),
         "flood_errors": sum(1 for r in finished if r.error is not None),
         "flood_error_samples": list(dict.fromkeys(r.error for r in finished if r.error))[:3],
@@ -342,7 +340,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
             s[part].update({k: sum(r[part][k] for r in rs) for k in ("turns", "errors")})
         s["flood"]["ratio_to_solo_p95"] = div(s["flood"]["ttft_p95_ms"], s["solo"]["ttft_p95_ms"])
         s.update({k: sum(r[k] for r in rs) for k in ("flood_requests", "flood_errors")})
-        s.update(rounds=len(rs), audit=rs[-1]["audit"], quiet=rs[-1]["quiet"], noisy=rs[-1]["noisy"])
+        s.update(rounds=len(rs), quiet=rs[-1]["quiet"], noisy=rs[-1]["noisy"])
+        s.update({k: rs[-1][k] for k in ("audit", "audit_noisy", "audit_solo")})
         out.setdefault(phase, {})[model] = s
     return out
 
@@ -365,9 +364,10 @@ def table(per_model: dict[str, dict[str, Any]]) -> list[str]:
     q, n = first["quiet"], first["noisy"]
     lines = [
         f"| model | {q} TTFT p50 alone (ms) | p95 alone | p50 under flood | p95 under flood | p95 flood / alone "
-        f"| {q} turns (errors) | {q} queue wait p95 (ms) | {q} overtaken (median / max) | {n} tok/s "
-        f"| total tok/s | {n} requests (errors) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {q} turns (errors) | {q} at the gateway: latency p95 alone -> under flood (ms) | queue wait p95 (ms) "
+        f"| overtaken (median / max) "
+        f"| {n} tok/s | total tok/s | {n} requests (errors) | {n} in the gateway (mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, s in per_model.items():
         a, f = s["audit"], s["flood"]
@@ -376,24 +376,20 @@ def table(per_model: dict[str, dict[str, Any]]) -> list[str]:
             f"| {model} | {fmt(s['solo']['ttft_p50_ms'], '.0f')} | {fmt(s['solo']['ttft_p95_ms'], '.0f')} | "
             f"{fmt(f['ttft_p50_ms'], '.0f')} | {fmt(f['ttft_p95_ms'], '.0f')} | "
             f"{fmt(f['ratio_to_solo_p95'], '.1f', 'x')} | {f['turns']} ({f['errors']}) | "
+            f"{fmt(s['audit_solo']['latency_p95_ms'], '.0f')} -> {fmt(a['latency_p95_ms'], '.0f')} | "
             f"{fmt(a['queue_wait_p95_ms'], '.0f')} | {overtaken} | "
             f"{fmt(s['noisy_tokens_per_s'])} | {fmt(s['total_tokens_per_s'])} | {s['flood_requests']} "
-            f"({s['flood_errors']}) |"
+            f"({s['flood_errors']}) | {fmt(s['audit_noisy']['in_flight'])} |"
         )
     return lines
 
 
 def ratio_table(rs: dict[str, dict[str, float | None]], quiet: str, noisy: str) -> list[str]:
-    lines = [
-        f"| model / fifo | {quiet} TTFT p50 under flood | {quiet} TTFT p95 under flood | {noisy} tok/s | total tok/s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for model, r in rs.items():
-        lines.append(
-            f"| {model} | {fmt(r['ttft_p50'], '.3f', 'x')} | {fmt(r['ttft_p95'], '.3f', 'x')} | "
-            f"{fmt(r['noisy_tokens_per_s'], '.3f', 'x')} | {fmt(r['total_tokens_per_s'], '.3f', 'x')} |"
-        )
-    return lines
+    head = (
+        f"| model / fifo | {quiet} TTFT p50 under flood | {quiet} TTFT p95 under flood | {noisy} tok/s | total tok/s |"
+    )
+    rows = [" | ".join([m, *(fmt(v, ".3f", "x") for v in r.values())]) for m, r in rs.items()]
+    return [head, "|---|---:|---:|---:|---:|", *(f"| {row} |" for row in rows)]
 
 
 NOISY_TITLE = "Noisy neighbour: team-b's short turns, one at a time, while team-a floods (both standard)"
@@ -406,7 +402,8 @@ def render(result: dict[str, Any]) -> str:
         f"Fairness benchmark: model {a['model']}, engine max_num_seqs {a['max_num_seqs']} per model; flood "
         f"{a['flood']} concurrent streams of {a['flood_max_tokens']} tokens, turns of {a['turn_max_tokens']} "
         f"tokens (ignore_eos, temperature 0); alone {a['solo_seconds']:g} s, under the flood {a['seconds']:g} s "
-        f"after {a['flood_warmup']:g} s; medians of {a['rounds']} round(s)."
+        f"after {a['flood_warmup']:g} s; medians of {a['rounds']} round(s); fair's queue bound "
+        f"{a.get('queue_bound') or a['max_num_seqs']}. Tokens/s: generated by the engine while the turns ran."
     ]
     for phase, per_model in result["summary"].items():
         out += ["", TITLES[phase] + ":", "", *table(per_model)]
@@ -446,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-warmup", type=float, default=10, help="seconds of flood before the turns")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    last = max(os.sched_getaffinity(0))
-    parser.add_argument("--client-core", type=int, default=last, help="the load generators' CPU (-1: any)")
+    parser.add_argument("--queue-bound", type=int, help="fair's queue.max_concurrency_per_replica (default: seqs)")
+    parser.add_argument("--flood-procs", type=int, default=4, help="processes sending the flood's streams")
+    parser.add_argument("--client-core", type=int, default=-1, help="pin the load generators to this CPU")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 16 x 128-token flood, 12 s, 5 s alone")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench-fairness"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here too")
@@ -468,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     keys_path, audit = args.workdir / "keys.yaml", args.workdir / "audit.jsonl"
     keys_path.write_text(yaml.safe_dump(keys_doc()))
     audit.unlink(missing_ok=True)
-    spec = fleet(source, engine, [v for p in phases for v in variants[p]], keys_path, audit)
+    spec = fleet(source, engine, [v for p in phases for v in variants[p]], keys_path, audit, args.queue_bound)
     runs = []
     say(f"starting a stack with {', '.join(m['name'] for m in spec['models'])} ({args.workdir})")
     with serve(spec, args.workdir / "stack") as url:

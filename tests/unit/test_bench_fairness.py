@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -10,15 +11,13 @@ import pytest
 from loadtests.bench_fairness import (
     KEYS,
     audit_view,
-    chunk_scale,
-    engine_load,
+    engine_sum,
     fleet,
     keys_doc,
     plan,
     ratios,
     render,
     summarize,
-    tokens_in,
     turn_stats,
 )
 from loadtests.loadgen import RequestRecord
@@ -50,6 +49,8 @@ def test_fleet_serves_each_variant_once_with_its_queue_and_policy():
     assert g.auth.keys_file == "/w/keys.yaml" and g.audit.enabled and g.audit.path == "/w/audit.jsonl"
     assert g.classes.standard.max_wait_s >= 600  # a flood must not time out of the queue
     assert ENGINE == {"max_model_len": 1024, "max_num_seqs": 8}  # not modified
+    bounded = FleetSpec.model_validate(fleet("/m", ENGINE, ["fair", "fifo"], Path("/k"), Path("/a"), bound=10))
+    assert [m.queue.bound(m.engine, "cpu") for m in bounded.models] == [10, 8]
 
 
 def test_plan_runs_phases_in_order_and_rotates_the_models_per_round():
@@ -80,43 +81,63 @@ def record(start: float, ttft: float | None, tokens: int = 16, usage: int | None
     return r
 
 
-def test_token_counting_and_turn_stats():
-    assert tokens_in([0.5, 1.0, 1.5, 2.0, 3.0], 1.0, 2.0) == 2  # [t0, t1)
-    assert chunk_scale([record(0, 0.1, tokens=10, usage=15), record(0, 0.1, tokens=10, usage=None)]) == 1.5
-    assert chunk_scale([]) == 1.0
+def test_turn_stats():
     stats = turn_stats([record(0, 0.01 * (i + 1)) for i in range(20)] + [record(0, None, error="HTTP 503: full")])
     assert (stats["turns"], stats["errors"], stats["error_samples"]) == (21, 1, ["HTTP 503: full"])
     assert (stats["ttft_p50_ms"], stats["ttft_p95_ms"]) == pytest.approx((105, 190.5))
 
 
-def test_audit_view_reads_the_quiet_keys_queue_wait_and_overtaken():
+def line(key: str, model: str, end: str, latency_ms: float, wait: float | None, overtaken: int | None, status=200):
+    return json.dumps(
+        {
+            "time": f"2026-12-02T01:00:{end}+00:00",
+            "key": key,
+            "model": model,
+            "class": "standard",
+            "queue_wait_ms": wait,
+            "queue_overtaken": overtaken,
+            "status": status,
+            "latency_ms": latency_ms,
+        }
+    )
+
+
+def test_audit_view_reads_latency_queue_wait_overtaken_and_requests_in_the_gateway():
     lines = [
-        json.dumps({"key": "team-b", "model": "fair", "class": "standard", "queue_wait_ms": w, "queue_overtaken": o})
-        for w, o in ((0.0, 0), (100.0, 1), (300.0, 4))
+        line("team-b", "fair", f"1{i}.000", 50 * (i + 1), w, o)
+        for i, (w, o) in enumerate(((0.0, 0), (100.0, 1), (300.0, 4)))
     ]
     lines += [
-        json.dumps({"key": "team-a", "model": "fair", "queue_wait_ms": 9000, "queue_overtaken": 40}),
-        json.dumps(
-            {"key": "team-b", "model": "fifo", "class": "standard", "queue_wait_ms": None, "queue_overtaken": None}
-        ),
-        "not json",
+        line("team-a", "fair", "10.000", 4000, 9000, 40),  # from 06 s to 10 s
+        line("team-a", "fair", "20.000", 8000, 0, 0, status="cancelled"),  # from 12 s to 20 s
+        line("team-b", "fifo", "10.000", 50, None, None),
+        '{"time": "2026-12-02T01:00:30',  # being written
     ]
     view = audit_view(lines, "team-b", "fair")
-    assert view["requests"] == 3 and view["classes"] == ["standard"]
-    assert view["queue_wait_p50_ms"] == 100 and view["queue_wait_p95_ms"] == pytest.approx(280)
+    assert view["requests"] == 3 and view["classes"] == ["standard"] and view["in_flight"] is None  # no window
+    assert (view["latency_p50_ms"], view["queue_wait_p50_ms"], view["queue_wait_p95_ms"]) == pytest.approx(
+        (100, 100, 280)
+    )
     assert (view["overtaken_median"], view["overtaken_max"]) == (1, 4)
     fifo = audit_view(lines, "team-b", "fifo")
     assert fifo["requests"] == 1 and fifo["queue_wait_p95_ms"] is None and fifo["overtaken_max"] is None
+    t0 = datetime.datetime(2026, 12, 2, 1, 0, 8, tzinfo=datetime.timezone.utc).timestamp()  # wall-clock seconds
+    flood = audit_view(lines, "team-a", "fair", (t0, t0 + 8))  # 08 s to 16 s: 2 s of one, 4 s of the other
+    assert flood["in_flight"] == pytest.approx(6 / 8) and flood["latency_p95_ms"] == 4000
 
 
-def test_engine_load_sums_running_and_waiting_of_one_model():
+def test_engine_sum_reads_one_models_engines():
     text = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{model_name="fair",replica="r1"} 3.0
 vllm:num_requests_running{model_name="fifo",replica="r2"} 8.0
 # TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{model_name="fair",replica="r1"} 2.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{model_name="fair",replica="r1"} 1234.0
+vllm:generation_tokens_total{model_name="fifo",replica="r2"} 99.0
 """
-    assert engine_load(text, "fair") == 5 and engine_load(text, "fifo") == 8 and engine_load(text, "x") == 0
+    assert engine_sum(text, "fair") == 5 and engine_sum(text, "fifo") == 8 and engine_sum(text, "x") == 0
+    assert engine_sum(text, "fair", ("vllm:generation_tokens_total",)) == 1234
 
 
 def run(model: str, solo_p95: float, flood_p95: float, noisy_tps: float, total_tps: float, wait: float | None):
@@ -140,7 +161,9 @@ def run(model: str, solo_p95: float, flood_p95: float, noisy_tps: float, total_t
         "total_tokens_per_s": total_tps,
         "flood_requests": 30,
         "flood_errors": 0,
-        "audit": audit,
+        "audit": audit | {"latency_p95_ms": flood_p95 + 10},
+        "audit_noisy": audit | {"in_flight": 47.5},
+        "audit_solo": audit | {"latency_p95_ms": solo_p95 + 5},
         "client_lag_p95_ms": 3.0,
     }
 
@@ -172,9 +195,15 @@ def test_summary_ratios_and_table():
         "rounds": 2,
     }
     text = render({"args": args, "summary": summary, "ratios": {"noisy": rs}})  # the audit view: the last round's
-    assert "| fair | 25 | 50 | 200 | 400 | 8.0x | 10 (2) | 150 | 0 / 2 | 720.0 | 740.0 | 60 (0) |" in text
-    assert "| fifo | 25 | 50 | 10000 | 20000 | 400.0x | 5 (1) | - | - | 760.0 | 765.0 | 30 (0) |" in text
+    assert (
+        "| fair | 25 | 50 | 200 | 400 | 8.0x | 10 (2) | 65 -> 510 | 150 | 0 / 2 | 720.0 | 740.0 | 60 (0) | 47.5 |"
+        in text
+    )
+    assert (
+        "| fifo | 25 | 50 | 10000 | 20000 | 400.0x | 5 (1) | 55 -> 20010 | - | - | 760.0 | 765.0 | 30 (0) | 47.5 |"
+        in text
+    )
     assert "| fair | 0.020x | 0.020x | 0.947x | 0.967x |" in text
     assert "team-b TTFT p50 alone" in text and "team-a tok/s" in text
-    for line in (x for x in text.splitlines() if x.startswith("|")):
-        assert line.count("|") in (13, 6)  # 12 and 5 columns
+    for row in (x for x in text.splitlines() if x.startswith("|")):
+        assert row.count("|") in (15, 6)  # 14 and 5 columns
