@@ -222,12 +222,19 @@ def test_interactive_goes_first_and_batch_waits_at_most_its_max_wait(fair_stack)
 
 
 def shares(stack, keys: tuple[str, str], n: int = 48, max_tokens: int = 128) -> dict[str, int]:
-    """Both keys flood together (``n`` requests each, all sent at once, so both have requests
-    waiting at both gateway replicas until one runs out): of the first half of all answers to
-    arrive, how many each key got."""
+    """Both keys flood together (``n`` requests each, all sent at once) while team-a's long
+    requests hold every standard slot, so all of them wait and both keys have requests waiting
+    at both gateway replicas until one runs out: of the first half of all answers to arrive, how
+    many each key got. (Without the blockers, the first requests to arrive take free slots in
+    arrival order while the rest are still on their way: on a fast machine that diluted 3:1.)"""
     done: list[tuple[float, str]] = []
     lock = threading.Lock()
     clients = {k: client(stack, k) for k in keys}
+    blocker = client(stack, "team-a")
+
+    def block(i: int) -> None:
+        blocker.completions.create(model="fair", prompt=f"blocker {i}", max_tokens=1900,
+                                   extra_body={"ignore_eos": True})
 
     def one(key: str, i: int) -> None:
         clients[key].completions.create(model="fair", prompt=f"share {i} of {key}", max_tokens=max_tokens,
@@ -235,8 +242,10 @@ def shares(stack, keys: tuple[str, str], n: int = 48, max_tokens: int = 128) -> 
         with lock:
             done.append((time.perf_counter(), key))
 
-    with cf.ThreadPoolExecutor(2 * n) as pool:
-        for f in [pool.submit(one, k, i) for i in range(n) for k in keys]:
+    with cf.ThreadPoolExecutor(2 * n + 8) as pool:
+        blockers = [pool.submit(block, i) for i in range(8)]
+        time.sleep(0.5)
+        for f in [pool.submit(one, k, i) for i in range(n) for k in keys] + blockers:
             f.result(timeout=300)
     first_half = [key for _, key in sorted(done)[:n]]
     return {k: first_half.count(k) for k in keys}
