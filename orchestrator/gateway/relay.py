@@ -194,6 +194,9 @@ class Relay:
             status = e.status
             e.headers = {**e.headers, **ctx.headers}
             raise
+        except asyncio.CancelledError:  # the client left (waiting in the queue, or for the answer)
+            status = "cancelled"
+            raise
         finally:
             if not handed_off:
                 self._end_request(ctx, model, endpoint, status, inbox)
